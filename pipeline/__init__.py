@@ -1,0 +1,1 @@
+"""BN-NAS pipeline stages: supernet training, search, retraining, on Ray."""

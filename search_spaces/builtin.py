@@ -1,0 +1,78 @@
+"""Built-in search spaces, one small factory each (see DESIGN.md for the sources).
+
+The 224 px spaces reproduce the published ones; the ``*_small`` spaces keep the same op
+families but are sized for 28-32 px inputs so that a 2-core CPU trains them in minutes.
+"""
+
+from __future__ import annotations
+
+from .space import Head, SearchSpace, Stage, StemLayer, register_space
+
+SHUFFLE_OPS = ("shuffle_k3", "shuffle_k5", "shuffle_k7", "xception")
+# BN-NAS / ABS order: k3e3, k3e6, k5e3, k5e6, k7e3, k7e6, then identity (-1 in the paper).
+MOBILE_OPS = ("mbconv_k3_e3", "mbconv_k3_e6", "mbconv_k5_e3", "mbconv_k5_e6", "mbconv_k7_e3", "mbconv_k7_e6")
+MOBILE_OPS_ID = MOBILE_OPS + ("identity",)
+
+
+def _stages(spec, ops) -> tuple[Stage, ...]:
+    return tuple(Stage(channels=c, depth=d, stride=s, ops=ops) for c, d, s in spec)
+
+
+@register_space
+def spos_shufflenet() -> SearchSpace:
+    """SPOS ShuffleNetV2 space (Guo et al. 2020): 20 layers x 4 choices, 330M budget."""
+    return SearchSpace(
+        name="spos_shufflenet", input_size=224,
+        stem=(StemLayer("conv", out=16, kernel=3, stride=2),),  # SPOS supernet: no max-pool
+        stages=_stages([(64, 4, 2), (160, 4, 2), (320, 8, 2), (640, 4, 2)], SHUFFLE_OPS),
+        head=Head(channels=1024, dropout=0.1, fc_bias=False),
+    )
+
+
+@register_space
+def bnnas_mobilenet() -> SearchSpace:
+    """BN-NAS / ABS MobileNet space: 21 layers x 7 choices (with identity), 475M budget."""
+    return SearchSpace(
+        name="bnnas_mobilenet", input_size=224,
+        stem=(StemLayer("conv", out=40, kernel=3, stride=2, act="relu6"),
+              StemLayer("op", out=24, op="mbconv_k3_e1")),
+        stages=_stages([(32, 4, 2), (56, 4, 2), (112, 4, 2), (128, 4, 1), (256, 4, 2), (432, 1, 1)],
+                       MOBILE_OPS_ID),
+        head=Head(channels=1728, act="relu6"),
+    )
+
+
+@register_space
+def fairnas_mobilenet() -> SearchSpace:
+    """FairNAS space (Chu et al. 2021): 19 layers x 6 choices, 330M budget."""
+    return SearchSpace(
+        name="fairnas_mobilenet", input_size=224,
+        stem=(StemLayer("conv", out=32, kernel=3, stride=2, act="relu6"),
+              StemLayer("op", out=16, op="mbconv_k3_e1")),
+        stages=_stages([(32, 2, 2), (40, 4, 2), (80, 4, 2), (96, 4, 1), (192, 4, 2), (320, 1, 1)], MOBILE_OPS),
+        head=Head(channels=1280, act="relu6"),
+    )
+
+
+@register_space
+def mobilenet_small() -> SearchSpace:
+    """The BN-NAS MobileNet family for 28-32 px inputs: 8 layers x 7 choices."""
+    return SearchSpace(
+        name="mobilenet_small", input_size=32,
+        stem=(StemLayer("conv", out=16, kernel=3, stride=1, act="relu6"),),
+        stages=_stages([(24, 2, 2), (40, 3, 2), (80, 2, 2), (96, 1, 1)], MOBILE_OPS_ID),
+        head=Head(channels=256, act="relu6"),
+        num_classes=10,
+    )
+
+
+@register_space
+def shufflenet_small() -> SearchSpace:
+    """The SPOS ShuffleNetV2 family for 28-32 px inputs: 8 layers x 4 choices."""
+    return SearchSpace(
+        name="shufflenet_small", input_size=32,
+        stem=(StemLayer("conv", out=24, kernel=3, stride=1),),
+        stages=_stages([(48, 2, 2), (96, 4, 2), (192, 2, 2)], SHUFFLE_OPS),
+        head=Head(channels=256, fc_bias=False),
+        num_classes=10,
+    )

@@ -1,0 +1,277 @@
+"""A search space is data: stem, searchable stages, head, input size.
+
+Nothing here builds modules; ``network.py`` turns a space into a supernet or subnet.
+A space is frozen and hashable, has a stable ``fingerprint`` (a hash of its
+definition, not its name), and validates architectures against itself.
+
+An *architecture* is a tuple of ints, one choice index per searchable layer, into
+that layer's op list. It travels as JSON with the space's name and fingerprint so it
+is never applied to the wrong space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import yaml
+
+from .ops import IDENTITY, OPS
+
+Arch = tuple[int, ...]
+
+
+class SpaceError(ValueError):
+    """A search space definition is wrong."""
+
+
+class ArchitectureError(ValueError):
+    """An architecture does not fit its search space."""
+
+
+@dataclass(frozen=True)
+class StemLayer:
+    type: str  # conv | maxpool | op (a fixed, non-searchable registered op)
+    out: int = 0  # output channels (conv, op)
+    kernel: int = 3
+    stride: int = 1
+    act: str = "relu"  # conv only: relu | relu6
+    op: str = ""  # type == op: registered op name
+
+
+@dataclass(frozen=True)
+class Stage:
+    channels: int
+    depth: int
+    stride: int  # of the stage's first layer; the rest run at stride 1
+    ops: tuple[str, ...]
+    identity_first: bool = False  # the first layer changes shape, so identity is off by default
+
+
+@dataclass(frozen=True)
+class Head:
+    channels: int  # 1x1 conv before global pooling
+    act: str = "relu"
+    dropout: float = 0.0
+    fc_bias: bool = True
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One searchable layer, derived from the stages."""
+    index: int
+    stage: int
+    in_channels: int
+    out_channels: int
+    stride: int
+    ops: tuple[str, ...]
+    allowed: tuple[bool, ...]  # per choice; identity may be forbidden
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    input_size: int
+    stem: tuple[StemLayer, ...]
+    stages: tuple[Stage, ...]
+    head: Head
+    in_channels: int = 3
+    num_classes: int = 1000
+
+    def __post_init__(self):
+        _check_definition(self)
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def stem_channels(self) -> int:
+        ch = self.in_channels
+        for s in self.stem:
+            ch = s.out if s.type in ("conv", "op") else ch
+        return ch
+
+    @property
+    def layers(self) -> tuple[Layer, ...]:
+        out, cin = [], self.stem_channels
+        for si, st in enumerate(self.stages):
+            for d in range(st.depth):
+                first = d == 0
+                allowed = tuple(not (op == IDENTITY and first and not st.identity_first) for op in st.ops)
+                out.append(Layer(len(out), si, cin, st.channels, st.stride if first else 1, st.ops, allowed))
+                cin = st.channels
+        return tuple(out)
+
+    @property
+    def num_layers(self) -> int:
+        return sum(s.depth for s in self.stages)
+
+    @property
+    def num_choices(self) -> int:
+        return max(len(s.ops) for s in self.stages)
+
+    @property
+    def size(self) -> int:
+        """Number of architectures in the space."""
+        n = 1
+        for layer in self.layers:
+            n *= sum(layer.allowed)
+        return n
+
+    def with_data(self, *, in_channels: int, num_classes: int, input_size: Optional[int] = None) -> "SearchSpace":
+        """The same space for another dataset (its fingerprint changes with the weights' shapes)."""
+        return replace(self, in_channels=in_channels, num_classes=num_classes,
+                       input_size=input_size or self.input_size)
+
+    # ------------------------------------------------------------------ identity
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for st in d["stages"]:
+            st["ops"] = list(st["ops"])
+        d["stem"] = [dict(s) for s in d["stem"]]
+        return d
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the definition (not the name): same definition, same weights layout."""
+        d = self.to_dict()
+        d.pop("name")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    # ------------------------------------------------------------------ architectures
+    def validate(self, arch: Sequence[int]) -> Arch:
+        """Return ``arch`` as a tuple of ints or raise ArchitectureError saying why."""
+        layers = self.layers
+        try:
+            arch = tuple(int(a) for a in arch)
+        except (TypeError, ValueError):
+            raise ArchitectureError(f"architecture must be a sequence of integers, got {arch!r}") from None
+        if len(arch) != len(layers):
+            raise ArchitectureError(
+                f"architecture has {len(arch)} choices but space {self.name!r} has {len(layers)} layers")
+        for layer, a in zip(layers, arch):
+            if not 0 <= a < len(layer.ops):
+                raise ArchitectureError(
+                    f"layer {layer.index}: choice {a} is out of range 0..{len(layer.ops) - 1} ({', '.join(layer.ops)})")
+            if not layer.allowed[a]:
+                raise ArchitectureError(
+                    f"layer {layer.index}: {layer.ops[a]!r} is not allowed there (first layer of stage {layer.stage})")
+        return arch
+
+    def op_names(self, arch: Sequence[int]) -> list[str]:
+        return [layer.ops[a] for layer, a in zip(self.layers, self.validate(arch))]
+
+    def arch_to_json(self, arch: Sequence[int]) -> str:
+        return json.dumps({"space": self.name, "fingerprint": self.fingerprint,
+                           "arch": list(self.validate(arch)), "ops": self.op_names(arch)}, indent=1)
+
+    def arch_from_json(self, text: str) -> Arch:
+        try:
+            d = json.loads(text)
+            arch, fp, name = d["arch"], d["fingerprint"], d.get("space", "?")
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ArchitectureError(f"not an architecture JSON ({e}); expected keys space, fingerprint, arch") from None
+        if fp != self.fingerprint:
+            raise ArchitectureError(
+                f"architecture is for space {name!r} (fingerprint {fp}), not {self.name!r} "
+                f"(fingerprint {self.fingerprint}); use it with the space it was searched in")
+        return self.validate(arch)
+
+
+# ---------------------------------------------------------------------- checking
+
+def _check_definition(space: SearchSpace) -> None:
+    def fail(msg: str):
+        raise SpaceError(f"space {space.name!r}: {msg}")
+
+    if space.input_size < 1 or space.in_channels < 1 or space.num_classes < 1:
+        fail("input_size, in_channels and num_classes must be >= 1")
+    if not space.stages:
+        fail("needs at least one stage")
+    for s in space.stem:
+        if s.type not in ("conv", "maxpool", "op"):
+            fail(f"stem layer type {s.type!r} is not one of conv, maxpool, op")
+        if s.type == "op" and s.op not in OPS:
+            fail(f"unknown op {s.op!r} in stem; registered ops: {', '.join(sorted(OPS))}")
+        if s.type == "conv" and s.act not in ACTIVATIONS:
+            fail(f"stem activation {s.act!r} is not one of {', '.join(ACTIVATIONS)}")
+    if space.head.act not in ACTIVATIONS:
+        fail(f"head activation {space.head.act!r} is not one of {', '.join(ACTIVATIONS)}")
+    for i, st in enumerate(space.stages):
+        if st.depth < 1 or st.channels < 1 or st.stride not in (1, 2):
+            fail(f"stage {i}: depth and channels must be >= 1 and stride 1 or 2")
+        if not st.ops:
+            fail(f"stage {i}: needs at least one candidate op")
+        for op in st.ops:
+            if op not in OPS:
+                fail(f"stage {i}: unknown op {op!r}; registered ops: {', '.join(sorted(OPS))}")
+        if len(set(st.ops)) != len(st.ops):
+            fail(f"stage {i}: duplicate candidate ops")
+        if st.depth == 1 and all(op == IDENTITY for op in st.ops) and not st.identity_first:
+            fail(f"stage {i}: its only layer allows no op")
+
+
+ACTIVATIONS = ("relu", "relu6")
+
+
+# ---------------------------------------------------------------------- registry and YAML
+
+_SPACES: dict[str, Callable[[], SearchSpace]] = {}
+
+
+def register_space(fn: Callable[[], SearchSpace]) -> Callable[[], SearchSpace]:
+    """Register a zero-argument factory under its function name (timm style)."""
+    _SPACES[fn.__name__] = fn
+    return fn
+
+
+def list_spaces() -> list[str]:
+    return sorted(_SPACES)
+
+
+def space_from_dict(d: dict, *, source: str = "space") -> SearchSpace:
+    known = {"name", "input_size", "in_channels", "num_classes", "stem", "stages", "head"}
+    if set(d) - known:
+        raise SpaceError(f"{source}: unknown key {sorted(set(d) - known)[0]!r}; known keys: {', '.join(sorted(known))}")
+    try:
+        d = dict(d)
+        return SearchSpace(
+            name=str(d.pop("name")),
+            input_size=int(d.pop("input_size")),
+            in_channels=int(d.pop("in_channels", 3)),
+            num_classes=int(d.pop("num_classes", 1000)),
+            stem=tuple(StemLayer(**s) for s in d.pop("stem", [])),
+            stages=tuple(Stage(**{**s, "ops": tuple(s["ops"])}) for s in d.pop("stages")),
+            head=Head(**d.pop("head")),
+        )
+    except SpaceError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise SpaceError(f"{source}: not a valid space definition ({type(e).__name__}: {e}); "
+                         "see search_spaces/README section 'Adding a space'") from None
+
+
+def load_space_yaml(path: str | Path) -> SearchSpace:
+    p = Path(path)
+    try:
+        d = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise SpaceError(f"cannot read space file {p}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SpaceError(f"space file {p} is not valid YAML{where}; fix the syntax") from None
+    if not isinstance(d, dict):
+        raise SpaceError(f"space file {p} must hold a mapping (name, input_size, stem, stages, head)")
+    return space_from_dict(d, source=str(p))
+
+
+def get_space(name_or_path: str) -> SearchSpace:
+    """A built-in space by name, or a space YAML file by path."""
+    if name_or_path in _SPACES:
+        return _SPACES[name_or_path]()
+    if name_or_path.endswith((".yaml", ".yml")) or Path(name_or_path).is_file():
+        return load_space_yaml(name_or_path)
+    raise SpaceError(f"unknown space {name_or_path!r}; built-in spaces: {', '.join(list_spaces())}, "
+                     "or give the path of a space YAML file")
