@@ -158,6 +158,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 5e6 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -255,6 +260,8 @@ def validate(cfg: Config) -> None:
     for k in ("synthetic_train", "synthetic_test", "synthetic_classes", "synthetic_size", "synthetic_channels"):
         _check(getattr(d, k) >= 1, f"data.{k} must be >= 1, got {getattr(d, k)}")
     _check(d.synthetic_classes >= 2, "data.synthetic_classes must be >= 2")
+    _check(d.name != "synthetic" or d.val_size < d.synthetic_train,
+           f"data.val_size={d.val_size} must be below data.synthetic_train={d.synthetic_train}")
     _check(bool(cfg.space.name), "space.name must name a built-in space or a YAML file")
     _check(s.epochs >= 1, f"supernet.epochs must be >= 1, got {s.epochs}")
     _check(s.batch_size >= 1, f"supernet.batch_size must be >= 1, got {s.batch_size}")
