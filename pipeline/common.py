@@ -41,11 +41,27 @@ def ensure_ray(cfg: Config) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # silences 2.60's token notice on local runs
     if address:
+        unreachable = PipelineError(
+            f"cannot reach the Ray cluster at {address!r}; start it (ray up cluster.yaml or "
+            "ray start --head) or unset RAY_ADDRESS / --address to run locally")
+        _probe(address, unreachable)
         try:
             ray.init(address=address, log_to_driver=True)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise PipelineError(
-                f"cannot reach the Ray cluster at {address!r} ({type(e).__name__}); "
-                "start it (ray up cluster.yaml / ray start --head) or unset RAY_ADDRESS to run locally") from None
+        except (ConnectionError, RuntimeError, ValueError):
+            raise unreachable from None
     else:
         ray.init(num_cpus=cfg.ray.num_cpus or None, include_dashboard=False, log_to_driver=True)
+
+
+def _probe(address: str, error: Exception) -> None:
+    # ray.init retries an unreachable host:port for minutes; a plain TCP connect
+    # answers in seconds. "auto" and ray:// addresses are left to Ray itself.
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError:
+        raise error from None

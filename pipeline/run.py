@@ -12,6 +12,7 @@ stderr and exit code 2, before anything in the run directory is touched.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from importlib import resources
@@ -96,21 +97,24 @@ def check_saved_config(run: RunDir, cfg: Config, force: bool) -> None:
                             "use another --run-dir, or --force to continue it with this one")
 
 
-def run_pipeline(cfg: Config, run: RunDir, stages: list[str], progress=print) -> dict[str, float]:
-    from .report import format_summary, write_report
-    from .retrain import run_retrain
-    from .search import run_search
-    from .train_supernet import train_supernet
+STAGES = {  # stage -> (module, function); imported lazily so a report-only run needs no Ray
+    "supernet": ("train_supernet", "train_supernet"),
+    "search": ("search", "run_search"),
+    "retrain": ("retrain", "run_retrain"),
+}
 
-    steps = {"supernet": train_supernet, "search": run_search, "retrain": run_retrain}
+
+def run_pipeline(cfg: Config, run: RunDir, stages: list[str], progress=print) -> dict[str, float]:
     timings: dict[str, float] = {}
-    for name in ("supernet", "search", "retrain"):
+    for name, (module, function) in STAGES.items():
         if name in stages:
             progress(f"== stage {name}")
             t0 = time.time()
-            steps[name](cfg, run, progress)
+            getattr(importlib.import_module(f"pipeline.{module}"), function)(cfg, run, progress)
             timings[name] = time.time() - t0
     if "report" in stages:
+        from .report import format_summary, write_report
+
         written = write_report(run, timings=timings)
         progress(format_summary(run, timings))
         progress(f"report: {run.uri}/report/ ({len(written.get('written', []))} files)")
