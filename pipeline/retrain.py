@@ -1,0 +1,548 @@
+"""Stage 3: retrain the top-N architectures from scratch as Ray Tune trials.
+
+One Tune trial per architecture of ``search/topn.parquet``. Each trial builds the
+standalone subnet from random init and trains it with a plain recipe (SGD or AdamW,
+cosine schedule, label smoothing, the dataset's augmentation), reporting validation
+accuracy and loss with a checkpoint after every epoch. ASHA compares trials at its rungs
+(``grace_period * reduction_factor**k`` epochs) and stops the weak ones, so their CPUs
+and GPUs go to the others. The winner is the trial with the best validation accuracy
+*at max_t* among those that trained all epochs (a trial stopped at a rung never
+competes: its accuracy is from a shorter schedule). The winner is evaluated once on the
+test set and exported (``pipeline.export``).
+
+Outputs in the run directory::
+
+    retrain_tune/            the Tune experiment (trial checkpoints, experiment state)
+    retrain/inputs.json      what the experiment was started with (checked on resume)
+    retrain/trials.parquet   one row per trial
+    model/                   weights.pt, arch.json, model.pt2 (see pipeline.export)
+    retrain/result.json      the winner; written LAST: its presence means "finished"
+
+Resume: a rerun with the same run directory restores the Tune experiment
+(``Tuner.restore``): finished trials (including those ASHA stopped) are not retrained,
+interrupted ones continue from their last checkpoint with the epoch count continuing.
+
+Trials are plain function trainables, not Ray Train inside Tune: when ASHA stops a
+Train-in-Tune trial, Train V2 frees its placement group through the State API, which
+needs ``ray[default]``; without it the CPUs leak and the next trial hangs (NOTES.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import posixpath
+import tempfile
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from ray.tune import Callback
+from torch import nn
+
+from search_spaces import OPS, ArchitectureError, SearchSpace, build_subnet, cost_tables, register_op
+
+from .common import PipelineError, Progress, ensure_ray, resolve_space
+from .config import Config, diff_configs
+from .data import build_datasets, make_loader
+from .storage import RunDir, StorageError
+
+TOPN = "search/topn.parquet"
+EXPERIMENT = "retrain_tune"  # Tune's experiment folder inside the run dir
+INPUTS = "retrain/inputs.json"
+TRIALS = "retrain/trials.parquet"
+RESULT = "retrain/result.json"
+MODEL_DIR = "model"
+CKPT_FILE = "state.pt"  # inside each Tune checkpoint directory
+
+
+# ============================================================================ entry point
+
+def run_retrain(cfg: Config, run: RunDir, progress: Progress = print) -> dict:
+    """Retrain the top-N, pick and export the winner; return ``retrain/result.json``."""
+    if run.exists(RESULT):
+        return _read_json(run, RESULT)
+    started = time.time()
+    r = cfg.retrain
+
+    # Everything that can be wrong with the input is checked before Ray does anything,
+    # so a bad top-N or an impossible resource request is one line, not a hang.
+    info = build_datasets(cfg.data, seed=cfg.seed).info
+    space = resolve_space(cfg, info.in_channels, info.num_classes, info.image_size)
+    candidates = read_topn(run, space)
+    ensure_ray(cfg)
+    check_resources(r.cpus_per_trial, r.gpus_per_trial)
+
+    archs = [c["arch"] for c in candidates]
+    progress(f"retrain: {len(archs)} architectures x {r.epochs} epochs, ASHA grace {r.grace_period} "
+             f"reduction {r.reduction_factor}, {r.cpus_per_trial:g} CPU / {r.gpus_per_trial:g} GPU per trial")
+    tuner = _tuner(cfg, run, space, archs, progress)
+    _SINKS[run.uri] = progress
+    try:
+        results = tuner.fit()
+    finally:
+        _SINKS.pop(run.uri, None)
+
+    rows = _trial_rows(results, candidates, r.epochs)
+    winner = _pick_winner(rows, r.epochs)
+
+    # The test set is touched exactly here, once, for the one chosen network.
+    state = _load_checkpoint_state(winner.pop("_checkpoint"))
+    test = _evaluate_test_remote(cfg, space, winner["arch"], state["model"])
+    winner["test_acc"] = test["test_acc"]
+    for row in rows:
+        row.pop("_checkpoint", None)
+
+    _write_trials(run, rows)
+    files = _export(run, space, winner, state["model"], test, progress)
+    result = {
+        "arch": list(winner["arch"]),
+        "ops": space.op_names(winner["arch"]),
+        "space": space.name,
+        "fingerprint": space.fingerprint,
+        "rank": winner["rank"],
+        "val_acc": winner["final_val_acc"],  # at max_t: what the winner was chosen by
+        "best_val_acc": winner["best_val_acc"],
+        "test_acc": test["test_acc"],
+        "test_loss": test["test_loss"],
+        "test_samples": test["test_samples"],
+        "flops": winner["flops"],
+        "params": winner["params"],
+        "bn_score": winner["bn_score"],
+        "epochs": r.epochs,
+        "trials": len(rows),
+        "stopped_early": int(sum(row["stopped_early"] for row in rows)),
+        "train_time_s": round(sum(row["train_time_s"] for row in rows), 1),
+        "elapsed_s": round(time.time() - started, 1),  # this invocation (a resume counts from its start)
+        "model": files,
+    }
+    _print_table(rows, r.epochs, progress)
+    progress(f"retrain: winner trial {winner['trial'] + 1} {list(winner['arch'])} val_acc {result['val_acc']:.4f} "
+             f"test_acc {result['test_acc']:.4f}; model in {run.uri}/{MODEL_DIR}")
+    run.write_json(RESULT, result)  # last: marks the stage finished
+    return result
+
+
+# ============================================================================ input checks
+
+def read_topn(run: RunDir, space: SearchSpace) -> list[dict]:
+    """The top-N as dicts (arch tuple, rank, bn_score, flops, params), each arch validated."""
+    if not run.exists(TOPN):
+        raise PipelineError(f"{run.uri}/{TOPN} not found; run the search stage first")
+    try:
+        df = run.read_parquet(TOPN)
+    except StorageError as e:
+        raise PipelineError(str(e)) from None
+    if "arch" not in df.columns:
+        raise PipelineError(f"{run.uri}/{TOPN} has no 'arch' column (columns: {', '.join(map(str, df.columns))}); "
+                            "rerun the search stage")
+    if len(df) == 0:
+        raise PipelineError(f"top-N is empty ({run.uri}/{TOPN} has no rows); rerun the search stage "
+                            "(are the search budgets so tight that nothing fits?)")
+    if "rank" in df.columns:
+        df = df.sort_values("rank", kind="stable")
+    if "fingerprint" in df.columns:  # stage 2 may record the space; then it must be this one
+        other = sorted(set(df["fingerprint"].astype(str)) - {space.fingerprint})
+        if other:
+            raise PipelineError(f"top-N was searched in another space (fingerprint {other[0]}), not {space.name!r} "
+                                f"({space.fingerprint}); use the space.name and data settings of the search")
+    tables = None
+    out = []
+    for i, row in enumerate(df.to_dict("records")):
+        try:
+            arch = space.validate(row["arch"])
+        except ArchitectureError as e:
+            raise PipelineError(f"top-N row {i} does not fit space {space.name!r}: {e}; the top-N was searched "
+                                "in another space (check space.name and the dataset)") from None
+        flops, params = row.get("flops"), row.get("params")
+        if not _is_number(flops) or not _is_number(params):
+            tables = tables or cost_tables(space)
+            flops, params = tables.cost(arch)
+        out.append({"arch": arch, "rank": int(row["rank"]) if _is_number(row.get("rank")) else i,
+                    "bn_score": float(row["score"]) if _is_number(row.get("score")) else float("nan"),
+                    "flops": float(flops), "params": float(params)})
+    return out
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not (isinstance(x, float) and math.isnan(x))
+
+
+def check_resources(cpus: float, gpus: float) -> None:
+    """Refuse a per-trial request no node can ever meet (Tune would wait forever)."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources()
+    # A trial runs on one node, so the largest node is the limit, not the cluster total.
+    most_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    most_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+    if cpus > most_cpu:
+        raise PipelineError(
+            f"retrain.cpus_per_trial={cpus:g} but the largest Ray node has {most_cpu:g} CPUs "
+            f"(cluster total {total.get('CPU', 0.0):g}); lower retrain.cpus_per_trial or add larger nodes")
+    if gpus > most_gpu:
+        raise PipelineError(
+            f"retrain.gpus_per_trial={gpus:g} but the largest Ray node has {most_gpu:g} GPUs "
+            f"(cluster total {total.get('GPU', 0.0):g}); set retrain.gpus_per_trial=0 or add GPU nodes")
+
+
+# ============================================================================ the Tune experiment
+
+# Progress sinks by run dir. Tune pickles the RunConfig (callbacks included) into the
+# experiment and a restore uses the pickled callback, so the callback must not carry the
+# caller's progress function: it looks its sink up here at call time.
+_SINKS: dict[str, Progress] = {}
+
+
+def _tuner(cfg: Config, run: RunDir, space: SearchSpace, archs: list[tuple[int, ...]], progress: Progress):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    r = cfg.retrain
+    exp_path = _join(run.storage_path, EXPERIMENT)
+    trainable = tune.with_resources(
+        tune.with_parameters(retrain_trial, cfg=cfg, space=space, ops=_op_factories(space)),
+        {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
+    inputs = {"seed": cfg.seed, "space": space.name, "fingerprint": space.fingerprint,
+              "archs": [list(a) for a in archs], "retrain": cfg.to_dict()["retrain"], "data": cfg.to_dict()["data"]}
+
+    if _restorable(run, exp_path):
+        if run.exists(INPUTS):
+            changed = diff_configs(_read_json(run, INPUTS), inputs)
+            if changed:
+                raise PipelineError(
+                    f"{run.uri}/{EXPERIMENT} was started with other inputs ({changed[0]}); rerun with the original "
+                    f"settings, or delete {EXPERIMENT}/ and retrain/ in the run dir to retrain from scratch")
+        progress(f"retrain: resuming the Tune experiment in {exp_path}")
+        return tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
+
+    run.write_json(INPUTS, inputs)
+    return tune.Tuner(
+        trainable,
+        # One trial per architecture. The arch list travels in the config (not only in
+        # with_parameters) so that a restored trial always gets the arch it started with.
+        param_space={"arch_index": tune.grid_search(list(range(len(archs)))),
+                     "archs": [list(a) for a in archs]},
+        tune_config=tune.TuneConfig(
+            scheduler=ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=r.epochs,
+                                    grace_period=r.grace_period, reduction_factor=r.reduction_factor),
+            max_concurrent_trials=r.max_concurrent or None,
+            # Trials ask for the same resources, so an actor that finished (or was stopped
+            # by ASHA) takes the next trial: no new process, no second torch import.
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT,
+            storage_path=run.storage_path,
+            failure_config=tune.FailureConfig(max_failures=r.max_failures),
+            # Two, not one: Tune's experiment snapshot may still name the previous
+            # checkpoint when the newest one lands (it forces a snapshot every
+            # num_to_keep checkpoints), and a restore needs that one to exist.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[_ProgressCallback(run.uri, len(archs), r.epochs)],
+            verbose=0,  # Tune's tables are noisy; the callback prints one line per epoch
+        ),
+    )
+
+
+def _join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name if "://" in base else posixpath.join(base, name)
+
+
+def _restorable(run: RunDir, exp_path: str) -> bool:
+    from ray import tune
+
+    # tuner.pkl is written when the Tuner is built, the experiment state only once the
+    # run loop saved it; with no state there is nothing to resume, so start afresh.
+    return tune.Tuner.can_restore(exp_path) and any(
+        n.startswith("experiment_state") for n in run.listdir(EXPERIMENT))
+
+
+def _op_factories(space: SearchSpace) -> dict:
+    """The space's op constructors, shipped to the trial processes.
+
+    An op registered in the driver (a user's script) is unknown in a fresh Ray worker;
+    cloudpickle carries built-in factories by reference and a script's by value.
+    """
+    names = {op for st in space.stages for op in st.ops} | {s.op for s in space.stem if s.type == "op"}
+    return {name: OPS[name] for name in sorted(names)}
+
+
+def _register_ops(ops: dict) -> None:
+    for name, factory in ops.items():
+        if name not in OPS:
+            register_op(name, factory)
+
+
+class _ProgressCallback(Callback):
+    """Concise progress lines from the driver: one per trial epoch, one per trial end."""
+
+    def __init__(self, key: str, n: int, max_t: int):
+        self.key, self.n, self.max_t = key, n, max_t
+
+    def _say(self, line: str) -> None:
+        _SINKS.get(self.key, print)(line)
+
+    def _name(self, trial) -> str:
+        i = trial.config.get("arch_index", -1)
+        arch = trial.config.get("archs", [[]])[i] if i >= 0 else []
+        return f"trial {i + 1}/{self.n} {list(arch)}"
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        # .get: an exception in a callback would end the whole experiment.
+        nan = float("nan")
+        self._say(f"retrain: {self._name(trial)} epoch {result.get('epoch', '?')}/{self.max_t} "
+                  f"val_acc {result.get('val_acc', nan):.4f} val_loss {result.get('val_loss', nan):.4f} "
+                  f"train_loss {result.get('train_loss', nan):.4f} ({result.get('epoch_s', nan):.1f}s)")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        epochs = last.get("epoch", 0)
+        how = "stopped early by ASHA after" if epochs < self.max_t else "finished"
+        self._say(f"retrain: {self._name(trial)} {how} {epochs}/{self.max_t} epochs "
+                  f"(val_acc {last.get('val_acc', float('nan')):.4f})")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._say(f"retrain: {self._name(trial)} failed ({_error_line(trial)}); retrying from its last checkpoint")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._say(f"retrain: {self._name(trial)} failed for good: {_error_line(trial)}")
+
+
+def _error_line(trial) -> str:
+    err = trial.get_error() if hasattr(trial, "get_error") else None
+    lines = [ln.strip() for ln in str(err or "unknown error").splitlines() if ln.strip()]
+    return lines[-1][:200] if lines else "unknown error"
+
+
+# ============================================================================ one trial
+
+def retrain_trial(config: dict, *, cfg: Config, space: SearchSpace, ops: dict) -> None:
+    """Tune function trainable: train one architecture, report + checkpoint every epoch."""
+    from ray import tune
+
+    # Tune logs every persisted checkpoint at INFO; the driver prints one line per epoch.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    r = cfg.retrain
+    index = int(config["arch_index"])
+    arch = space.validate(config["archs"][index])
+    _register_ops(ops)
+    torch.set_num_threads(max(1, int(r.cpus_per_trial)))
+    device = _device(r.gpus_per_trial)
+
+    splits = build_datasets(cfg.data, seed=cfg.seed)
+    torch.manual_seed(cfg.seed + index)  # the initial weights: one seed per architecture
+    model = build_subnet(space, arch).to(device)
+    optimizer = _optimizer(model, cfg)
+    # Cosine over max_t epochs, stepped per epoch: a stopped trial simply never reaches
+    # the end; a resumed one continues the same curve.
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=r.epochs)
+    criterion = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
+
+    start_epoch, best_val_acc = 0, 0.0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:  # a restored or retried trial: continue, do not restart
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, CKPT_FILE), map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best_val_acc = int(state["epoch"]), float(state["best_val_acc"])
+
+    val_loader = make_loader(splits.val, r.batch_size, shuffle=False)
+    drop_last = len(splits.train) > r.batch_size  # a 1-sample batch breaks BatchNorm
+    for epoch in range(start_epoch, r.epochs):
+        t0 = time.time()
+        # Seeded per epoch, so augmentation draws are the same whether or not the trial
+        # was interrupted before this epoch (the loader's order is fixed by (seed, epoch)).
+        torch.manual_seed(_epoch_seed(cfg.seed, index, epoch))
+        loader = make_loader(splits.train, r.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
+                             drop_last=drop_last, num_workers=cfg.data.num_workers)
+        train_loss = _train_epoch(model, loader, optimizer, criterion, device)
+        scheduler.step()
+        val_acc, val_loss = evaluate(model, val_loader, device)
+        best_val_acc = max(best_val_acc, val_acc)
+        metrics = {"epoch": epoch + 1, "val_acc": val_acc, "val_loss": val_loss, "train_loss": train_loss,
+                   "best_val_acc": best_val_acc, "lr": optimizer.param_groups[0]["lr"],
+                   "start_epoch": start_epoch, "arch_index": index, "epoch_s": time.time() - t0}
+        with tempfile.TemporaryDirectory(prefix="bnnas-retrain-") as d:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
+                        "best_val_acc": best_val_acc, "arch": list(arch)}, os.path.join(d, CKPT_FILE))
+            # report copies the folder to storage before it returns.
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def _epoch_seed(seed: int, index: int, epoch: int) -> int:
+    return ((seed * 1_000_003 + index) * 10_007 + epoch) % (2**63)
+
+
+def _device(gpus: float) -> torch.device:
+    if gpus <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("Ray gave this trial a GPU but torch sees none (CPU-only torch build?); "
+                           "install a CUDA torch or set retrain.gpus_per_trial=0")
+    return torch.device("cuda")
+
+
+def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    r = cfg.retrain
+    # No weight decay on BN parameters and biases (standard; decaying gamma fights BN).
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": r.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if r.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=r.lr)
+    return torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, nesterov=r.momentum > 0)
+
+
+def _train_epoch(model, loader, optimizer, criterion, device) -> float:
+    model.train()
+    total, count = 0.0, 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = criterion(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(y)
+        count += len(y)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu") -> tuple[float, float]:
+    """(accuracy, mean cross-entropy without smoothing) over a loader."""
+    model.eval()
+    correct, loss, count = 0, 0.0, 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        correct += int((logits.argmax(1) == y).sum())
+        count += len(y)
+    return correct / max(count, 1), loss / max(count, 1)
+
+
+# ============================================================================ results
+
+def _trial_rows(results, candidates: list[dict], max_t: int) -> list[dict]:
+    """One row per trial, in top-N order; a trial that failed for good is an error."""
+    errors = [res for res in results if res.error is not None]
+    if errors:
+        res = errors[0]
+        where = f"trial {res.config['arch_index'] + 1}" if res.config else f"the trial in {res.path}"
+        raise PipelineError(
+            f"{len(errors)} retrain trial(s) failed after retries; {where}: {_last_line(res.error)}; "
+            "fix the cause and rerun the same command (finished trials are kept, others resume)")
+    rows = {}
+    for res in results:
+        m = res.metrics or {}
+        if not m.get("config"):
+            continue
+        i = int(m["config"]["arch_index"])
+        c = candidates[i]
+        epochs = int(m.get("epoch", 0))
+        rows[i] = {
+            "trial": i, "rank": c["rank"], "arch": list(c["arch"]), "epochs_run": epochs,
+            "best_val_acc": float(m.get("best_val_acc", float("nan"))),
+            "final_val_acc": float(m.get("val_acc", float("nan"))),
+            "final_val_loss": float(m.get("val_loss", float("nan"))),
+            "stopped_early": epochs < max_t,
+            "flops": c["flops"], "params": c["params"], "bn_score": c["bn_score"],
+            "test_acc": float("nan"), "winner": False,
+            "train_time_s": float(m.get("time_total_s", 0.0)),
+            "_checkpoint": res.checkpoint,
+        }
+    missing = sorted(set(range(len(candidates))) - set(rows))
+    if missing:
+        raise PipelineError(f"retrain trial(s) {[i + 1 for i in missing]} reported nothing; rerun the same command")
+    return [rows[i] for i in sorted(rows)]
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:300]
+
+
+def _pick_winner(rows: list[dict], max_t: int) -> dict:
+    # Validation accuracy at max_t among trials that ran all epochs; ties go to the
+    # better-ranked (higher BN score) architecture, which comes first in top-N order.
+    full = [row for row in rows if row["epochs_run"] >= max_t and row["_checkpoint"] is not None]
+    if not full:
+        raise PipelineError("no retrain trial ran all epochs; rerun the same command to resume them")
+    winner = max(full, key=lambda row: (row["final_val_acc"], -row["trial"]))
+    winner["winner"] = True
+    return winner
+
+
+def _load_checkpoint_state(checkpoint) -> dict:
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=True)
+
+
+def _evaluate_test_remote(cfg: Config, space: SearchSpace, arch: Sequence[int], state: dict) -> dict:
+    """Test accuracy of the winner, computed where a trial would run (its GPU, its CPUs)."""
+    import ray
+
+    r = cfg.retrain
+    task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial, max_retries=2)(test_accuracy)
+    return ray.get(task.remote(cfg, space, tuple(arch), state, _op_factories(space)))
+
+
+def test_accuracy(cfg: Config, space: SearchSpace, arch: Sequence[int], state: dict, ops: dict | None = None) -> dict:
+    """The test split's accuracy and loss for these weights (also usable without Ray)."""
+    _register_ops(ops or {})
+    r = cfg.retrain
+    torch.set_num_threads(max(1, int(r.cpus_per_trial)))
+    device = _device(r.gpus_per_trial)
+    splits = build_datasets(cfg.data, seed=cfg.seed)
+    model = build_subnet(space, arch)
+    model.load_state_dict(state)
+    acc, loss = evaluate(model.to(device), make_loader(splits.test, r.batch_size, shuffle=False), device)
+    return {"test_acc": acc, "test_loss": loss, "test_samples": len(splits.test)}
+
+
+test_accuracy.__test__ = False  # not a pytest test, despite the name
+
+
+def _write_trials(run: RunDir, rows: list[dict]) -> None:
+    import pandas as pd
+
+    run.write_parquet(TRIALS, pd.DataFrame(rows))
+
+
+def _export(run: RunDir, space: SearchSpace, winner: dict, state: dict, test: dict, progress: Progress) -> dict:
+    from .export import export_model
+
+    files = export_model(run, space, winner["arch"], state, rel=MODEL_DIR,
+                         info={"val_acc": winner["final_val_acc"], "test_acc": test["test_acc"]})
+    if files["program"] is None:
+        progress(f"retrain: warning: no standalone program exported ({files['program_error']}); "
+                 "weights.pt + arch.json still load with pipeline.export.load")
+    return files
+
+
+def _print_table(rows: list[dict], max_t: int, progress: Progress) -> None:
+    progress(f"retrain: {'#':>2} {'arch':<28} {'epochs':>6} {'best_val':>8} {'final_val':>9} "
+             f"{'MFLOPs':>8} {'params':>9} {'bn':>7} {'test':>6}")
+    for row in rows:
+        arch = str(row["arch"])
+        arch = arch if len(arch) <= 28 else arch[:25] + "..."
+        epochs = f"{row['epochs_run']}/{max_t}" + ("*" if row["stopped_early"] else " ")
+        test = f"{row['test_acc']:.4f}" if not math.isnan(row["test_acc"]) else "-"
+        progress(f"retrain: {row['trial'] + 1:>2} {arch:<28} {epochs:>6} {row['best_val_acc']:>8.4f} "
+                 f"{row['final_val_acc']:>9.4f} {row['flops'] / 1e6:>8.2f} {row['params']:>9.0f} "
+                 f"{row['bn_score']:>7.3f} {test:>6}")
+    progress("retrain: * stopped early by ASHA")
+
+
+def _read_json(run: RunDir, rel: str) -> Any:
+    try:
+        return run.read_json(rel)
+    except StorageError as e:
+        raise PipelineError(str(e)) from None

@@ -1,0 +1,343 @@
+"""Stage 3 (pipeline.retrain, pipeline.export): Tune trials with ASHA, resume, export.
+
+Tiny synthetic data (16 px, 4 classes) and a two-layer space keep each trial epoch
+under a second; most of the time goes to Ray and Tune start-up.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from pipeline.common import PipelineError
+from pipeline.config import Config, DataConfig, RayConfig, RetrainConfig, SpaceConfig
+from pipeline.retrain import EXPERIMENT, RESULT, TOPN, TRIALS, run_retrain
+from pipeline.storage import RunDir
+from search_spaces import OPS, get_space, register_op
+from search_spaces.ops import conv_bn
+
+REPO = Path(__file__).resolve().parents[1]
+LINE = re.compile(r"trial (\d+)/\d+ \S.*? epoch (\d+)/(\d+) val_acc")
+
+SPACE_YAML = """\
+name: tiny
+input_size: 16
+in_channels: 3
+num_classes: 4
+stem:
+  - {{type: conv, out: 8, kernel: 3, stride: 1}}
+stages:
+  - {{channels: 16, depth: 1, stride: 2, ops: [{ops}]}}
+  - {{channels: 24, depth: 1, stride: 2, ops: [mbconv_k3_e3, mbconv_k5_e3]}}
+head: {{channels: 32}}
+"""
+
+
+def make_cfg(tmp: Path, *, ops: str = "mbconv_k3_e3, mbconv_k5_e3", train: int = 768, **retrain) -> Config:
+    space = tmp / "tiny.yaml"
+    space.write_text(SPACE_YAML.format(ops=ops))
+    r = dict(epochs=3, batch_size=64, lr=0.1, grace_period=1, reduction_factor=2, max_concurrent=1)
+    r.update(retrain)
+    return Config(
+        seed=0, run_dir=str(tmp / "run"),
+        data=DataConfig(name="synthetic", synthetic_train=train, synthetic_test=256, synthetic_size=16,
+                        synthetic_classes=4, val_size=256),
+        space=SpaceConfig(name=str(space)),
+        retrain=RetrainConfig(**r),
+        ray=RayConfig(num_cpus=2),
+    )
+
+
+def write_topn(run: RunDir, archs) -> None:
+    run.write_parquet(TOPN, pd.DataFrame({
+        "rank": list(range(len(archs))), "arch": [list(a) for a in archs],
+        "score": [3.0 - i for i in range(len(archs))], "flops": [1e6 + i for i in range(len(archs))],
+        "params": [1e4 + i for i in range(len(archs))], "source": ["test"] * len(archs)}))
+
+
+def epoch_lines(lines):
+    """(trial number, epoch) for every per-epoch progress line, in order."""
+    return [(int(m[1]), int(m[2])) for m in map(LINE.search, lines) if m]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_input_is_one_line_error(tmp_path, ray_local):
+    cfg = make_cfg(tmp_path)
+    run = RunDir(cfg.run_dir)
+
+    def fails(match: str) -> str:
+        t0 = time.time()
+        with pytest.raises(PipelineError, match=match) as e:
+            run_retrain(cfg, run, progress=lambda s: None)
+        assert "\n" not in str(e.value) and time.time() - t0 < 60
+        return str(e.value)
+
+    fails("run the search stage first")  # missing
+    write_topn(run, [])
+    fails("top-N is empty")
+    # An architecture of another space: shufflenet_small has 8 layers, tiny has 2.
+    write_topn(run, [[0, 0], [0] * get_space("shufflenet_small").num_layers])
+    fails(r"top-N row 1 does not fit space 'tiny'.*has 8 choices but space 'tiny' has 2 layers")
+    write_topn(run, [[0, 5]])
+    fails(r"top-N row 0 .*layer 1: choice 5 is out of range")
+
+    # Requests no node can ever meet: refused before Tune (which would wait forever).
+    write_topn(run, [[0, 0]])
+    cpus = ray_local.cluster_resources()["CPU"]
+    cfg.retrain.cpus_per_trial = cpus + 1
+    fails(rf"retrain.cpus_per_trial={cpus + 1:g} but the largest Ray node has {cpus:g} CPUs")
+    cfg.retrain.cpus_per_trial, cfg.retrain.gpus_per_trial = 1.0, 1.0
+    fails(r"retrain.gpus_per_trial=1 but the largest Ray node has 0 GPUs")
+    assert not run.exists(EXPERIMENT) and not run.exists(RESULT)
+
+
+# ----------------------------------------------------------------------------- ASHA
+
+class DeadOp(nn.Module):
+    """Ends in an affine BN like every op, but multiplies its output by zero: every
+    input gives the same logits, so the network cannot beat the majority class."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(*conv_bn(cin, cout, 3, stride))
+
+    def forward(self, x):
+        return self.body(x) * 0.0
+
+
+@pytest.fixture
+def dead_op():
+    import ray.cloudpickle
+
+    # The trial processes learn the op from the driver: retrain ships the space's op
+    # factories, and this module is pickled by value because workers cannot import it.
+    module = sys.modules[__name__]
+    ray.cloudpickle.register_pickle_by_value(module)
+    register_op("test_dead", DeadOp)
+    yield "test_dead"
+    OPS.pop("test_dead", None)
+    ray.cloudpickle.unregister_pickle_by_value(module)
+
+
+def test_asha_stops_the_architecture_that_cannot_learn(tmp_path, ray_local, dead_op):
+    # One trial at a time, the dead one last: ASHA is asynchronous and never stops the
+    # first trial to reach a rung (there is nothing to compare with yet).
+    cfg = make_cfg(tmp_path, ops=f"mbconv_k3_e3, mbconv_k5_e3, {dead_op}", epochs=3, grace_period=1,
+                   reduction_factor=2, max_concurrent=1)
+    run = RunDir(cfg.run_dir)
+    archs = [[0, 0], [1, 1], [2, 0]]
+    write_topn(run, archs)
+    lines = []
+    result = run_retrain(cfg, run, progress=lines.append)
+
+    trials = run.read_parquet(TRIALS)
+    assert [list(a) for a in trials["arch"]] == archs
+    dead = trials.iloc[2]
+    assert dead["stopped_early"] and dead["epochs_run"] == 1 < cfg.retrain.epochs
+    assert dead["final_val_acc"] < 0.4  # chance is 0.25; a constant predictor scores one class's share
+    assert any("trial 3/3 [2, 0] stopped early by ASHA after 1/3 epochs" in s for s in lines)
+    # Every trial reported every epoch it ran, one line each.
+    seen = epoch_lines(lines)
+    for i, row in trials.iterrows():
+        assert [e for t, e in seen if t == i + 1] == list(range(1, row["epochs_run"] + 1))
+
+    win = trials[trials["winner"]]
+    assert len(win) == 1
+    win = win.iloc[0]
+    assert win["epochs_run"] == cfg.retrain.epochs and not win["stopped_early"]
+    assert win["final_val_acc"] == trials[~trials["stopped_early"]]["final_val_acc"].max()
+    assert win["final_val_acc"] > 0.6 > dead["final_val_acc"]
+    assert result["arch"] == list(win["arch"]) and result["val_acc"] == win["final_val_acc"]
+    assert result["test_acc"] == win["test_acc"] and trials["test_acc"].isna().sum() == 2
+    assert result["stopped_early"] == int(trials["stopped_early"].sum()) >= 1
+    assert result["bn_score"] == win["bn_score"] and result["flops"] == win["flops"]
+    # Finished: a rerun returns the stored result without touching Tune.
+    assert run_retrain(cfg, run, progress=lines.append) == result
+
+
+# ----------------------------------------------------------------------------- resume + export
+
+DRIVER = textwrap.dedent("""
+    import json, sys
+    from pipeline.config import config_from_dict
+    from pipeline.retrain import run_retrain
+    from pipeline.storage import RunDir
+    cfg = config_from_dict(json.load(open(sys.argv[1])))
+    run_retrain(cfg, RunDir(cfg.run_dir), progress=lambda s: print(s, flush=True))
+""")
+
+
+def snapshot(run_dir: Path) -> dict:
+    """{trial number: (epoch, done)} from Tune's newest experiment state (what a restore uses)."""
+    files = sorted(glob.glob(str(run_dir / EXPERIMENT / "experiment_state-*.json")))
+    if not files:
+        return {}
+    try:
+        state = json.loads(Path(files[-1]).read_text())
+    except ValueError:  # caught mid-write
+        return {}
+    out = {}
+    for _, meta in state["trial_data"]:
+        last = json.loads(meta).get("last_result") or {}
+        if "epoch" in last:
+            out[last["config"]["arch_index"] + 1] = (last["epoch"], bool(last.get("done")))
+    return out
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory, ray_local):
+    """A run whose driver is SIGKILLed mid-way through its trials, then run again."""
+    tmp = tmp_path_factory.mktemp("resume")
+    # Two concurrent trials, 5 epochs, no early stopping (grace = max_t), so both are
+    # in the middle of their schedule when the driver dies.
+    cfg = make_cfg(tmp, train=1280, epochs=5, grace_period=5, max_concurrent=2)
+    run = RunDir(cfg.run_dir)
+    write_topn(run, [[0, 0], [1, 1]])
+    cfg_file = tmp / "cfg.json"
+    cfg_file.write_text(json.dumps(cfg.to_dict()))
+    log = open(tmp / "driver.log", "w")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    # Its own session (process group), so that anything it leaves behind can be ended.
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(cfg_file)], cwd=REPO, env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while True:
+            snap = snapshot(Path(cfg.run_dir))
+            # Every trial has checkpointed at least one epoch and none has finished.
+            if len(snap) == 2 and all(e >= 1 and not done for e, done in snap.values()) \
+                    and max(e for e, _ in snap.values()) >= 2:
+                break
+            assert driver.poll() is None, f"driver exited early:\n{(tmp / 'driver.log').read_text()[-3000:]}"
+            assert time.time() < deadline, f"no checkpoints in time:\n{(tmp / 'driver.log').read_text()[-3000:]}"
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(30)
+        time.sleep(3)  # raylet and trial workers share the driver's fate; give them a moment
+        try:  # whatever of its own Ray is still alive in that process group
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
+    before = snapshot(Path(cfg.run_dir))  # re-read: the kill may have come after one more snapshot
+    assert not run.exists(RESULT)
+
+    lines = []
+    result = run_retrain(cfg, run, progress=lines.append)  # same run dir, in this process's Ray
+    return {"cfg": cfg, "run": run, "before": before, "lines": lines, "result": result,
+            "driver_log": (tmp / "driver.log").read_text(), "cfg_file": cfg_file}
+
+
+def test_killed_driver_resumes_trials_where_they_stopped(interrupted_run):
+    cfg, run, before, lines = (interrupted_run[k] for k in ("cfg", "run", "before", "lines"))
+    max_t = cfg.retrain.epochs
+    assert any("resuming the Tune experiment" in s for s in lines)
+    pre_kill = epoch_lines(interrupted_run["driver_log"].splitlines())
+    after = epoch_lines(lines)
+    interrupted = {t: e for t, (e, done) in before.items() if not done and e < max_t}
+    print("\nbefore kill (snapshot):", before, "| after restore:", after)
+    assert interrupted, before
+    for t, k in interrupted.items():
+        assert (t, k) in pre_kill  # it had really trained k epochs before the kill
+        epochs = [e for tt, e in after if tt == t]
+        # The count continues from the checkpoint: epoch k+1 first, not epoch 1 again.
+        assert epochs == list(range(k + 1, max_t + 1)), (t, k, epochs)
+        assert k + 1 > 1
+    for t, (e, done) in before.items():
+        if done:  # a finished trial is not retrained
+            assert not [tt for tt, _ in after if tt == t]
+    trials = run.read_parquet(TRIALS)
+    assert list(trials["epochs_run"]) == [max_t, max_t] and not trials["stopped_early"].any()
+    # Tune's own record of the resumed trials agrees: their results restarted mid-way.
+    for t, k in interrupted.items():
+        trial_dir = next(Path(cfg.run_dir, EXPERIMENT).glob(f"*_arch_index={t - 1}_*"))
+        rows = [json.loads(s) for s in (trial_dir / "result.json").read_text().splitlines() if s.strip()]
+        resumed = [r for r in rows if r["start_epoch"] > 0]
+        assert resumed and resumed[0]["start_epoch"] == k and resumed[0]["epoch"] == k + 1
+        assert [r["epoch"] for r in rows if r["start_epoch"] == 0][-1] >= k
+
+
+def test_exported_model_loads_in_a_fresh_process(interrupted_run):
+    cfg, run, result = (interrupted_run[k] for k in ("cfg", "run", "result"))
+    model_dir = Path(cfg.run_dir) / "model"
+    assert {p.name for p in model_dir.iterdir()} >= {"weights.pt", "arch.json", "model.pt2"}
+    arch = json.loads((model_dir / "arch.json").read_text())
+    assert arch["arch"] == result["arch"] and arch["fingerprint"] == result["fingerprint"]
+    script = textwrap.dedent("""
+        import json, sys, torch
+        from pipeline.config import config_from_dict
+        from pipeline.data import build_datasets, make_loader
+        from pipeline.export import load, load_program
+        cfg = config_from_dict(json.load(open(sys.argv[1])))
+        test = build_datasets(cfg.data, seed=cfg.seed).test
+        out = {}
+        for name, model in (("module", load(sys.argv[2])), ("program", load_program(sys.argv[2]))):
+            correct = 0
+            with torch.no_grad():
+                for x, y in make_loader(test, cfg.retrain.batch_size, shuffle=False):
+                    correct += int((model(x).argmax(1) == y).sum())
+            out[name] = correct / len(test)
+        out["type"] = type(load(sys.argv[2])).__name__
+        out["ray_imported"] = "ray" in sys.modules
+        print(json.dumps(out))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", script, str(interrupted_run["cfg_file"]), str(model_dir)],
+                          cwd="/", env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["type"] == "Subnet" and not out["ray_imported"]
+    assert out["module"] == out["program"] == result["test_acc"]
+    trials = interrupted_run["run"].read_parquet(TRIALS)
+    assert trials[trials["winner"]]["test_acc"].item() == result["test_acc"]
+    assert result["test_acc"] > 0.5  # learnt something (chance is 0.25)
+
+
+def test_export_falls_back_to_torchscript_and_checks_the_space(tmp_path, monkeypatch):
+    from pipeline import export
+    from search_spaces import build_subnet, load_space_yaml
+
+    cfg = make_cfg(tmp_path)
+    space = load_space_yaml(cfg.space.name)
+    torch.manual_seed(0)
+    net = build_subnet(space, [1, 0]).eval()
+    run = RunDir(tmp_path / "run")
+
+    def no_export(*a, **k):
+        raise RuntimeError("unsupported op\nsecond line")
+
+    monkeypatch.setattr(torch.export, "export", no_export)
+    files = export.export_model(run, space, [1, 0], net.state_dict())
+    assert files["program"] == "model/model.ts" and files["program_format"] == "torchscript"
+    assert "torch.export: RuntimeError: unsupported op second line" in files["program_error"]
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        want = net(x)
+        assert torch.allclose(export.load(run.path("model"))(x), want, atol=1e-5)
+        assert torch.allclose(export.load(run.uri)(x), want, atol=1e-5)  # the run dir works too
+        assert torch.allclose(export.load_program(run.path("model"))(x), want, atol=1e-5)
+    # An arch.json whose space definition was edited no longer matches its fingerprint.
+    doc = json.loads(Path(run.path("model", "arch.json")).read_text())
+    doc["space_def"]["head"]["channels"] = 48
+    Path(run.path("model", "arch.json")).write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="fingerprint"):
+        export.load(run.path("model"))
