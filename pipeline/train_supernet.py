@@ -1,0 +1,790 @@
+"""Stage 1: train the one-shot supernet with BN parameters only, on Ray Train (V2).
+
+``train_supernet(cfg, run)`` runs a ``TorchTrainer`` whose workers each hold the whole
+supernet and train it data-parallel, then writes the stage's outputs into the run dir:
+
+    supernet/final.pt            space, fingerprint, mode, epoch, model state (CPU),
+                                 final BN-indicator table [L, K] (NaN = forbidden choice),
+                                 one table per epoch ("indicator_history")
+    supernet/history.parquet     one row per epoch (loss, acc, images_per_sec, ...)
+    supernet/indicators.parquet  long format: epoch, layer, choice, op, score
+    supernet/result.json         written LAST: its presence marks the stage done
+    supernet/run.json            fingerprint and mode of the supernet being trained
+    supernet_train/              Ray's own run folder: checkpoint_*/state.pt
+
+Finished / partial / fresh. A run dir with ``supernet/result.json`` is finished: the
+stage returns that file and trains nothing, even when more epochs are asked for (the
+LR schedule of a finished run has decayed to zero, so "four more epochs" would not be
+the run a larger ``epochs`` describes). To continue a finished stage on purpose,
+delete ``supernet/result.json``: the next run resumes from the latest checkpoint with
+the schedule re-planned over the new ``epochs``. Anything else is partial or fresh and
+goes to Ray with the same ``RunConfig(name, storage_path)``, so ``get_checkpoint()``
+hands the workers the latest checkpoint and training continues from it.
+
+Bit-for-bit continuation on CPU. A checkpoint is taken at the end of every epoch and
+holds model, optimizer and scheduler state, epoch, histories. Everything random inside
+an epoch is *derived* from (seed, epoch[, rank]) rather than carried along: the data
+order (``make_loader``), the architecture paths (``PathSampler``) and torch's global RNG
+(augmentation, dropout), which every rank re-seeds at the start of every epoch. So a
+resumed epoch draws exactly what the uninterrupted run drew, whatever happened before.
+
+Data parallelism without DDP. Every rank takes the same path at every step (the paths
+come from the seed, not from the rank), so after backward the same set of parameters
+holds gradients on every rank. One flattened all-reduce of those gradients (gloo on
+CPU, NCCL on GPU) replaces DDP, which for a single-path net would need
+``find_unused_parameters=True`` and a graph traversal every step. BN running
+statistics are averaged once per epoch so that all ranks end an epoch with one model.
+
+Test-only fault hook: ``BNNAS_FAULT_STEP=<epoch>:<step>:<rank>`` makes that rank exit
+(``os._exit(1)``) at the start of that optimizer step, once per run dir (a marker file
+``supernet/.fault_<epoch>_<step>_<rank>`` keeps the restarted worker from dying again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from search_spaces import SearchSpace, Supernet, bn_indicator, freeze, space_from_dict
+
+from .common import PipelineError, Progress, ensure_ray, resolve_space, seed_everything
+from .config import Config
+from .data import Splits, build_datasets, make_loader
+from .storage import RunDir
+
+STAGE_DIR = "supernet"
+RESULT = f"{STAGE_DIR}/result.json"
+FINAL = f"{STAGE_DIR}/final.pt"
+HISTORY = f"{STAGE_DIR}/history.parquet"
+INDICATORS = f"{STAGE_DIR}/indicators.parquet"
+RUN_META = f"{STAGE_DIR}/run.json"
+TRAIN_NAME = "supernet_train"  # Ray's RunConfig name: fixed, so a rerun finds its checkpoints
+STATE_FILE = "state.pt"
+FAULT_ENV = "BNNAS_FAULT_STEP"
+REFERENCE_BATCH = 512  # the authors' lr 0.25 is for a global batch of 512
+CHECKPOINT_FORMAT = 1
+
+
+# ============================================================================ pure pieces
+
+def init_supernet(space: SearchSpace, seed: int) -> Supernet:
+    """The supernet exactly as every rank initialises it (frozen weights stay like this)."""
+    seed_everything(seed)
+    return Supernet(space)
+
+
+def _derived_seed(*parts: object) -> int:
+    """A 63-bit seed from a tuple, so seed 1 / epoch 0 never replays seed 0 / epoch 1."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class PathSampler:
+    """Architectures for every optimizer step of an epoch, the same on every rank.
+
+    ``epoch_paths(epoch, steps)`` is an int array [steps, G, L]: for each optimizer
+    step, G paths (one choice index per layer). ``uniform``: G = 1, each layer's choice
+    uniform over its allowed ops (SPOS). ``fair``: G = K (the space's number of
+    choices); for each layer a random permutation of its allowed ops, padded to K by
+    re-drawing from the allowed ops when the layer allows fewer (identity forbidden),
+    so every allowed op is taken at least once per group and exactly once when the
+    layer allows all K (FairNAS strict fairness).
+
+    The draws depend only on (seed, epoch): a resumed epoch gets the paths the
+    uninterrupted run got, with no generator state to carry in the checkpoint.
+    """
+
+    def __init__(self, space: SearchSpace, kind: str, seed: int):
+        if kind not in ("uniform", "fair"):
+            raise ValueError(f"unknown path sampler {kind!r}; use uniform or fair")
+        self.kind, self.seed = kind, seed
+        self.num_choices = space.num_choices
+        self.allowed = [np.flatnonzero(layer.allowed) for layer in space.layers]
+        self.group_size = 1 if kind == "uniform" else self.num_choices
+
+    def epoch_paths(self, epoch: int, steps: int) -> np.ndarray:
+        rng = np.random.default_rng(_derived_seed("paths", self.kind, self.seed, epoch))
+        out = np.empty((steps, self.group_size, len(self.allowed)), dtype=np.int64)
+        for l, allowed in enumerate(self.allowed):
+            if self.kind == "uniform":
+                out[:, 0, l] = allowed[rng.integers(0, len(allowed), size=steps)]
+                continue
+            for s in range(steps):
+                column = rng.permutation(allowed)
+                if len(column) < self.group_size:
+                    extra = rng.choice(allowed, self.group_size - len(column))
+                    column = rng.permutation(np.concatenate([column, extra]))
+                out[s, :, l] = column
+        return out
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "seed": self.seed}
+
+
+def paths_digest(paths: np.ndarray) -> str:
+    """A short hash of a path sequence, to check that ranks walked the same paths."""
+    # 15 hex digits = 60 bits: fits an int64, so ranks can all-reduce them on any backend.
+    return hashlib.sha256(np.ascontiguousarray(paths, dtype=np.int64).tobytes()).hexdigest()[:15]
+
+
+def op_ranks(scores: np.ndarray) -> np.ndarray:
+    """Rank of each op in one layer: 0 = highest score; ties keep choice order."""
+    order = np.argsort(-scores, kind="stable")
+    ranks = np.empty(len(scores), dtype=np.int64)
+    ranks[order] = np.arange(len(scores))
+    return ranks
+
+
+def rank_distance(prev: Optional[np.ndarray], cur: np.ndarray) -> float:
+    """Normalised L1 distance between two epochs' per-layer op rankings.
+
+    For each layer, the allowed ops (non-NaN entries) are ranked by indicator; the
+    distance is the sum over layers of the L1 distance between the two rank vectors,
+    divided by the sum over layers of the largest possible L1 distance between two
+    permutations of n items, floor(n^2 / 2) (reached by reversing the order). So 0 is
+    the same ranking in every layer and 1 is every layer reversed. Without a previous
+    table (the first epoch) it is NaN: there is no earlier ranking to compare with.
+    """
+    if prev is None:
+        return float("nan")
+    prev, cur = np.asarray(prev, dtype=float), np.asarray(cur, dtype=float)
+    if prev.shape != cur.shape:
+        raise ValueError(f"indicator tables differ in shape: {prev.shape} vs {cur.shape}")
+    num = den = 0
+    for p, c in zip(prev, cur):
+        allowed = ~np.isnan(c)
+        n = int(allowed.sum())
+        num += int(np.abs(op_ranks(p[allowed]) - op_ranks(c[allowed])).sum())
+        den += n * n // 2
+    return num / den if den else 0.0
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """LR multiplier for optimizer step ``step``: linear warm-up, then linear or cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress
+
+
+def scaled_lr(cfg: Config, world_size: int) -> float:
+    """cfg lr is for a global batch of 512 (authors' 0.25); scale linearly."""
+    return cfg.supernet.lr * cfg.supernet.batch_size * world_size / REFERENCE_BATCH
+
+
+def _finite_or_none(x: float) -> Optional[float]:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _table_to_list(table: np.ndarray) -> list:
+    """Nested list with None for forbidden choices (JSON has no NaN)."""
+    return [[_finite_or_none(v) for v in row] for row in table]
+
+
+# ============================================================================ one rank
+
+@dataclass
+class _Fault:
+    epoch: int
+    step: int
+    rank: int
+
+    @staticmethod
+    def parse(text: str) -> Optional["_Fault"]:
+        if not text:
+            return None
+        try:
+            e, s, r = (int(x) for x in text.split(":"))
+        except ValueError:
+            raise ValueError(f"{FAULT_ENV}={text!r}: expected <epoch>:<step>:<rank>, e.g. 1:2:1") from None
+        return _Fault(e, s, r)
+
+
+def _wait_until_registered(run: RunDir, epoch: int, timeout_s: float = 120.0) -> None:
+    """Test-only: wait until Ray has registered the checkpoint of ``epoch``.
+
+    Train V2 registers a reported checkpoint only when its controller next polls the
+    workers (every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default); a worker that
+    dies sooner loses that checkpoint and the restart resumes one epoch earlier. Waiting
+    makes the injected fault land at a known point: after epoch ``epoch`` is safe.
+    """
+    from ray.train import Result
+
+    path = f"{run.storage_path.rstrip('/')}/{TRAIN_NAME}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            result = Result.from_path(path)
+            if result.checkpoint is not None and (result.metrics or {}).get("epoch") == epoch:
+                return
+        except Exception:  # the snapshot is rewritten in place; a torn read just retries
+            pass
+        time.sleep(0.2)
+
+
+class SupernetTrainer:
+    """What one data-parallel rank does, with no Ray in it.
+
+    The Ray train loop is a thin wrapper around this class (build, resume from a state
+    dict, ``train_epoch`` per epoch, report, checkpoint ``state_dict()``), and tests can
+    drive it in-process with ``world_size=1``. With ``world_size > 1`` it expects
+    ``torch.distributed`` to be initialised (Ray's TorchTrainer does that).
+    """
+
+    def __init__(self, cfg: Config, splits: Splits, *, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu", state: Optional[dict] = None,
+                 run_uri: str = "", fault: str = ""):
+        sc = cfg.supernet
+        self.cfg, self.splits = cfg, splits
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.on_gpu = self.device.type == "cuda"
+        self.distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
+        self.run_uri, self.fault = run_uri, _Fault.parse(fault)
+
+        info = splits.info
+        self.space = resolve_space(cfg, info.in_channels, info.num_classes, info.image_size)
+        # Same seed on every rank: identical weights without a broadcast, and the frozen
+        # weights are exactly what init_supernet() rebuilds from the seed.
+        self.model = init_supernet(self.space, cfg.seed)
+        self.trainable = freeze(self.model, sc.mode)
+        self.channels_last = self.on_gpu and cfg.supernet.channels_last
+        self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        self.autocast = self.on_gpu and sc.amp  # bf16 on GPU; CPU runs fp32 (bit-exact resume)
+
+        # Weight decay never touches BN affine parameters (authors' setting).
+        bn_params = {id(p) for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                     for p in m.parameters()}
+        groups = [{"params": [p for p in self.trainable if id(p) not in bn_params], "weight_decay": sc.weight_decay},
+                  {"params": [p for p in self.trainable if id(p) in bn_params], "weight_decay": 0.0}]
+        self.base_lr = scaled_lr(cfg, world_size)
+        self.optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=self.base_lr, momentum=sc.momentum)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=sc.label_smoothing)
+        self.sampler = PathSampler(self.space, sc.sampler, cfg.seed)
+
+        per_rank = len(splits.train) // world_size
+        self.steps_per_epoch = per_rank // sc.batch_size  # drop_last: equal steps on every rank
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"training split has {len(splits.train)} images, fewer than one global batch "
+                             f"({sc.batch_size} x {world_size} workers)")
+        self._make_scheduler(sc.epochs)
+
+        self.next_epoch = 0
+        self.indicator_history: list[np.ndarray] = []
+        self.history: list[dict] = []
+        self.stable_count = 0
+        self.stopped_early = False
+        if state is not None:
+            self.load_state_dict(state)
+        self.start_epoch = self.next_epoch  # where this worker group began (history shows restarts)
+
+    def _make_scheduler(self, epochs: int) -> None:
+        sc = self.cfg.supernet
+        total = epochs * self.steps_per_epoch
+        warmup = round(sc.warmup_epochs * self.steps_per_epoch)
+        self.total_steps = total
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda t: lr_factor(t, total, warmup, sc.schedule))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Everything needed to continue bit-for-bit (RNG streams are derived, see module doc)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": self.space.fingerprint,
+            "space": self.space.to_dict(),
+            "mode": self.cfg.supernet.mode,
+            "sampler": self.sampler.state_dict(),
+            "epoch": self.next_epoch,  # epochs completed = index of the next epoch
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "indicator_history": list(self.indicator_history),
+            "history": list(self.history),
+            "stable_count": self.stable_count,
+            "stopped_early": self.stopped_early,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("fingerprint") != self.space.fingerprint or state.get("mode") != self.cfg.supernet.mode:
+            raise ValueError(
+                f"checkpoint is for space {state.get('fingerprint')} mode {state.get('mode')}, not "
+                f"{self.space.fingerprint} mode {self.cfg.supernet.mode}; use another run dir")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        # The lambda is not in the state dict: it was rebuilt from cfg.supernet.epochs, which
+        # differs from the saved run's only when a finished stage is reopened. Recompute the
+        # next step's lr from it, exactly as LambdaLR does (the same value when unchanged).
+        t = self.scheduler.last_epoch
+        for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * fn(t)
+        self.next_epoch = int(state["epoch"])
+        self.indicator_history = list(state["indicator_history"])
+        self.history = list(state["history"])
+        self.stable_count = int(state["stable_count"])
+        self.stopped_early = bool(state["stopped_early"])
+
+    # ------------------------------------------------------------------ distributed helpers
+    def _all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t
+
+    def _average(self, tensors: list[torch.Tensor]) -> None:
+        """Average tensors across ranks in place, as one flat bucket (one collective, not many)."""
+        if not self.distributed or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat.div_(self.world_size)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def _sync_grads(self) -> None:
+        # Every rank took the same paths, so the same parameters hold gradients everywhere.
+        self._average([p.grad for p in self.trainable if p.grad is not None])
+
+    def _sync_bn_stats(self) -> None:
+        # Running statistics see only the local shard; averaging once per epoch keeps one
+        # model across ranks (what DDP's buffer broadcast would do, at a fraction of the cost).
+        self._average([b for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                       for b in (m.running_mean, m.running_var) if b is not None])
+
+    def _maybe_fault(self, epoch: int, step: int) -> None:
+        f = self.fault
+        if f is None or (f.epoch, f.step, f.rank) != (epoch, step, self.rank):
+            return
+        run = RunDir(self.run_uri)
+        marker = f"{STAGE_DIR}/.fault_{epoch}_{step}_{self.rank}"
+        if run.exists(marker):
+            return  # already died here once in this run dir: the restart must get through
+        run.write_text(marker, "test-only fault injected here\n")
+        if epoch > 0:
+            _wait_until_registered(run, epoch - 1)
+        os._exit(1)
+
+    # ------------------------------------------------------------------ one epoch
+    def train_epoch(self, epoch: int) -> dict:
+        sc = self.cfg.supernet
+        # Everything random in this epoch comes from (seed, epoch, rank): see module doc.
+        torch.manual_seed(_derived_seed("torch", self.cfg.seed, epoch, self.rank))
+        loader = make_loader(self.splits.train, sc.batch_size, shuffle=True, seed=self.cfg.seed, epoch=epoch,
+                             rank=self.rank, world_size=self.world_size, drop_last=True,
+                             num_workers=self.cfg.data.num_workers)
+        paths = self.sampler.epoch_paths(epoch, self.steps_per_epoch)
+        self.model.train()
+
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.float64, device=self.device)
+        seen = 0
+        steps = 0
+        lr = self.optimizer.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        for step, (x, y) in enumerate(loader):
+            if step >= self.steps_per_epoch:
+                break
+            self._maybe_fault(epoch, step)
+            x = x.to(self.device, non_blocking=True,
+                     memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+            y = y.to(self.device, non_blocking=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            # Fair: the K paths of a group see the same batch and their gradients add up
+            # (FairNAS); every op's own parameters get exactly one gradient per group.
+            for arch in paths[step]:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    logits = self.model(x, arch.tolist())
+                    loss = self.criterion(logits, y)
+                loss.backward()
+                loss_sum += loss.detach().double() * len(y)
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += len(y)
+            self._sync_grads()
+            if sc.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.trainable, sc.grad_clip)
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.step()
+            self.scheduler.step()
+            steps += 1
+        self._sync_bn_stats()
+
+        totals = self._all_reduce(torch.stack([loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64,
+                                                                               device=self.device)]))
+        elapsed = self._all_reduce(torch.tensor(time.perf_counter() - t0, dtype=torch.float64, device=self.device),
+                                   dist.ReduceOp.MAX).item()
+        loss_total, correct_total, seen_total = totals.tolist()
+
+        table = bn_indicator(self.model)
+        prev = self.indicator_history[-1] if self.indicator_history else None
+        distance = rank_distance(prev, table)
+        self.indicator_history.append(table)
+        if sc.stable_patience > 0 and math.isfinite(distance) and distance <= sc.stable_tol:
+            self.stable_count += 1
+        else:
+            self.stable_count = 0
+        stop = sc.stable_patience > 0 and self.stable_count >= sc.stable_patience
+        # Ranks hold identical tables, but report() is a barrier: one decision, broadcast
+        # from rank 0, guarantees that every rank reports the same number of times.
+        if self.distributed:
+            flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
+            dist.broadcast(flag, src=0)
+            stop = bool(flag.item())
+        self.stopped_early = stop
+
+        digest = paths_digest(paths[:steps])
+        row = {
+            "epoch": epoch,
+            "loss": loss_total / max(1.0, seen_total),
+            "acc": correct_total / max(1.0, seen_total),
+            # images forwarded per second over all ranks (a fair group forwards its batch K times)
+            "images_per_sec": seen_total / max(elapsed, 1e-9),
+            "rank_distance": distance,
+            "lr": lr,
+            "time_s": elapsed,
+            "steps": steps,
+            "start_epoch": self.start_epoch,
+            "path_hashes": self._gather_digests(digest),
+        }
+        self.history.append(row)
+        self.next_epoch = epoch + 1
+        return row
+
+    def _gather_digests(self, digest: str) -> list[str]:
+        """Every rank's path digest, on every rank (so rank 0's report shows them all)."""
+        if not self.distributed:
+            return [digest]
+        t = torch.zeros(self.world_size, dtype=torch.int64, device=self.device)
+        t[self.rank] = int(digest, 16)
+        dist.all_reduce(t)
+        return [f"{v:015x}" for v in t.tolist()]
+
+
+# ============================================================================ Ray train loop
+
+def _train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    cfg: Config = config["cfg"]
+    events = config.get("events")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def emit(event: dict) -> None:
+        # Progress is best effort: a lost line must never fail training.
+        if events is not None and rank == 0:
+            try:
+                events.put(event, timeout=5)
+            except Exception:
+                pass
+
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+
+    if cfg.supernet.use_gpu:
+        import ray.train.torch
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    splits = build_datasets(cfg.data, seed=cfg.seed)
+    trainer = SupernetTrainer(cfg, splits, rank=rank, world_size=world, device=device, state=state,
+                              run_uri=config["run_uri"], fault=config.get("fault", ""))
+    epochs = cfg.supernet.epochs
+    emit({"kind": "start", "start_epoch": trainer.next_epoch, "epochs": epochs, "world_size": world,
+          "lr": trainer.base_lr, "steps_per_epoch": trainer.steps_per_epoch, "resumed": state is not None,
+          "stopped_early": trainer.stopped_early})
+
+    for epoch in range(trainer.next_epoch, epochs):
+        if trainer.stopped_early:
+            break
+        row = trainer.train_epoch(epoch)
+        metrics = {**{k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in row.items()},
+                   "stopped_early": trainer.stopped_early,
+                   "indicator": _table_to_list(trainer.indicator_history[-1])}
+        with tempfile.TemporaryDirectory(prefix="supernet-ckpt-") as d:
+            ckpt = None
+            if rank == 0:
+                torch.save(trainer.state_dict(), os.path.join(d, STATE_FILE))
+                ckpt = Checkpoint.from_directory(d)
+            # A barrier: every rank calls it once per epoch; only rank 0 uploads.
+            ray.train.report(metrics, checkpoint=ckpt)
+        emit({"kind": "epoch", **{k: v for k, v in metrics.items() if k != "indicator"}, "epochs": epochs})
+
+
+# ============================================================================ driver
+
+class _ProgressRelay:
+    """Carries rank 0's per-epoch events to the driver and formats them for ``progress``.
+
+    Train V2 returns metrics only when ``fit()`` ends, and worker stdout reaches the
+    driver only with ``log_to_driver``; a Ray queue (a tiny 0-CPU actor) drained by a
+    driver thread gives the caller's ``progress`` one line per epoch as it happens.
+    """
+
+    def __init__(self, progress: Progress):
+        from ray.util.queue import Queue
+
+        self.progress = progress
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.starts: list[dict] = []
+        self.epochs: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, name="supernet-progress", daemon=True)
+
+    def __enter__(self) -> "_ProgressRelay":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            while not self.queue.empty():
+                self._handle(self.queue.get_nowait())
+        except Exception:
+            pass
+        try:
+            self.queue.shutdown()
+        except Exception:
+            pass
+
+    def _pump(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self._stop.is_set():
+            try:
+                event = self.queue.get(timeout=0.5)
+            except Empty:
+                continue
+            except Exception:  # the queue actor went away; the result still comes from the checkpoint
+                return
+            self._handle(event)
+
+    def _handle(self, e: dict) -> None:
+        n = e["epochs"]
+        if e["kind"] == "start":
+            self.starts.append(e)
+            if e["stopped_early"] or e["start_epoch"] >= n:
+                self.progress(f"supernet: checkpoint already at epoch {e['start_epoch']}/{n}; nothing left to train")
+            elif e["resumed"]:
+                self.progress(f"supernet: resuming at epoch {e['start_epoch'] + 1}/{n} from the checkpoint of "
+                              f"epoch {e['start_epoch']}/{n} ({e['world_size']} workers)")
+            else:
+                self.progress(f"supernet: training {n} epochs on {e['world_size']} workers, "
+                              f"{e['steps_per_epoch']} steps/epoch, lr {e['lr']:.4g}")
+        else:
+            self.epochs.append(e)
+            dist_txt = "-" if e["rank_distance"] is None else f"{e['rank_distance']:.3f}"
+            self.progress(f"supernet epoch {e['epoch'] + 1}/{n}  loss {e['loss']:.4f}  acc {100 * e['acc']:.1f}%  "
+                          f"{e['images_per_sec']:.0f} img/s  rank-dist {dist_txt}  lr {e['lr']:.4g}  "
+                          f"({e['time_s']:.1f} s)")
+            if e["stopped_early"]:
+                self.progress(f"supernet: op ranking stable for the configured patience; stopping after "
+                              f"epoch {e['epoch'] + 1}/{n}")
+
+
+def _check_resources(scaling) -> None:
+    """Fail fast on a ScalingConfig the cluster can never run.
+
+    Ray 2.60 only checks this against an autoscaler's cluster config; on a fixed
+    cluster (and a local ray.init) it waits 60 s for the placement group, then retries
+    forever (controller_failure_limit=-1): a hang, not an error.
+    """
+    import ray
+
+    try:
+        from ray._private.state import state as ray_state  # private; only to defer to autoscalers
+
+        if ray_state.get_max_resources_from_cluster_config():
+            return  # an autoscaler may add nodes; Ray Train checks its limits itself
+    except Exception:
+        pass
+    have = ray.cluster_resources()
+    need = scaling.total_resources
+    short = {k: v for k, v in need.items() if have.get(k, 0) < v}
+    if short:
+        wants = ", ".join(f"{v:g} {k}" for k, v in short.items())
+        has = ", ".join(f"{have.get(k, 0):g} {k}" for k in short)
+        raise PipelineError(
+            f"supernet training needs {wants} ({scaling.num_workers} workers x {scaling._resources_per_worker_not_none}) "
+            f"but the Ray cluster has {has}; lower supernet.num_workers / supernet.cpus_per_worker, "
+            f"set supernet.use_gpu=false, or join a bigger cluster (ray.address)")
+
+
+def _run_meta(space: SearchSpace, cfg: Config) -> dict:
+    return {"fingerprint": space.fingerprint, "space": space.name, "mode": cfg.supernet.mode}
+
+
+def _check_run_meta(run: RunDir, space: SearchSpace, cfg: Config) -> None:
+    """Refuse to resume checkpoints of another space or training mode in this run dir.
+
+    The workers would refuse too (the checkpoint carries fingerprint and mode), but only
+    after Ray started them, and each refusal would count as a failure to retry.
+    """
+    if not run.exists(RUN_META):
+        return
+    old, new = run.read_json(RUN_META), _run_meta(space, cfg)
+    if (old.get("fingerprint"), old.get("mode")) != (new["fingerprint"], new["mode"]):
+        raise PipelineError(
+            f"{run.uri} holds a supernet of space {old.get('space')!r} ({old.get('fingerprint')}) mode "
+            f"{old.get('mode')!r}, but this config asks for {new['space']!r} ({new['fingerprint']}) mode "
+            f"{new['mode']!r}; use another run dir")
+
+
+def space_name(cfg: Config) -> str:
+    """The space's name without building anything (the finished-stage check must be cheap)."""
+    from search_spaces import get_space
+
+    return get_space(cfg.space.name).name
+
+
+def train_supernet(cfg: Config, run: RunDir, progress: Progress = print) -> dict:
+    """Stage 1. Returns the contents of ``supernet/result.json`` (see module doc)."""
+    if run.exists(RESULT):
+        result = run.read_json(RESULT)
+        if (result.get("space"), result.get("mode")) != (space_name(cfg), cfg.supernet.mode):
+            raise PipelineError(
+                f"{run.uri} holds a finished supernet of space {result.get('space')!r} mode {result.get('mode')!r}, "
+                f"but this config asks for {space_name(cfg)!r} mode {cfg.supernet.mode!r}; use another run dir")
+        note = ""
+        if cfg.supernet.epochs > result["epochs_run"] and not result["stopped_early"]:
+            note = (f" (asked for {cfg.supernet.epochs}; delete {run.uri}/{RESULT} to continue training "
+                    "from the last checkpoint)")
+        progress(f"supernet: already trained ({result['epochs_run']} epochs) in {run.uri}; skipping{note}")
+        return result
+
+    t0 = time.time()
+    sc = cfg.supernet
+    # Loading the data here first gives a clear DataError before any worker starts, and
+    # unpacks/downloads once instead of once per worker.
+    splits = build_datasets(cfg.data, seed=cfg.seed)
+    info = splits.info
+    space = resolve_space(cfg, info.in_channels, info.num_classes, info.image_size)
+    if len(splits.train) // sc.num_workers < sc.batch_size:
+        raise PipelineError(
+            f"the training split has {len(splits.train)} images, fewer than one global batch "
+            f"(supernet.batch_size={sc.batch_size} x supernet.num_workers={sc.num_workers}); "
+            f"lower the batch size or use more data (data.fraction)")
+    _check_run_meta(run, space, cfg)  # before Ray starts: a wrong run dir fails in a second
+
+    ensure_ray(cfg)
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    scaling = ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                            resources_per_worker={"CPU": sc.cpus_per_worker})
+    _check_resources(scaling)
+    run_config = RunConfig(
+        name=TRAIN_NAME, storage_path=run.storage_path,
+        checkpoint_config=CheckpointConfig(num_to_keep=sc.checkpoints_to_keep),
+        failure_config=FailureConfig(max_failures=sc.max_failures),
+    )
+    # Written once training is about to produce checkpoints (not on a failed resource check).
+    run.write_json(RUN_META, _run_meta(space, cfg))
+    with _ProgressRelay(progress) as relay:
+        trainer = TorchTrainer(
+            _train_loop_per_worker,
+            # The fault hook is read here: workers' environment is fixed when Ray starts.
+            train_loop_config={"cfg": cfg, "run_uri": run.uri, "events": relay.queue,
+                               "fault": os.environ.get(FAULT_ENV, "")},
+            scaling_config=scaling, run_config=run_config)
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+            why = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+            raise PipelineError(
+                f"supernet training failed ({why}) after {sc.max_failures} restarts; fix the cause and rerun the "
+                f"same command to resume from the latest checkpoint in {run.uri}/{TRAIN_NAME}") from None
+
+    if result.checkpoint is None:
+        raise PipelineError(f"supernet training ended without a checkpoint in {run.uri}/{TRAIN_NAME}; rerun it")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+    start_epoch = relay.starts[0]["start_epoch"] if relay.starts else int(state["epoch"])
+    return _write_outputs(run, state, cfg, space, start_epoch=start_epoch, elapsed=time.time() - t0,
+                          checkpoint_path=result.checkpoint.path, progress=progress)
+
+
+def _write_outputs(run: RunDir, state: dict, cfg: Config, space: SearchSpace, *, start_epoch: int,
+                   elapsed: float, checkpoint_path: str, progress: Progress) -> dict:
+    import pandas as pd
+
+    history, tables = state["history"], state["indicator_history"]
+    run.write_torch(FINAL, {
+        "space": space.to_dict(),
+        "fingerprint": space.fingerprint,
+        "mode": state["mode"],
+        "epoch": state["epoch"],
+        "model": state["model"],
+        "indicator": tables[-1] if tables else None,
+        "indicator_history": tables,
+    })
+    rows = [{k: r.get(k) for k in ("epoch", "loss", "acc", "images_per_sec", "rank_distance", "lr", "time_s",
+                                   "steps", "start_epoch", "path_hashes")} for r in history]
+    run.write_parquet(HISTORY, pd.DataFrame(rows))
+    layers = space.layers
+    long = [{"epoch": e, "layer": l, "choice": k, "op": layers[l].ops[k], "score": float(t[l, k])}
+            for e, t in enumerate(tables) for l in range(t.shape[0]) for k in range(t.shape[1])
+            if k < len(layers[l].ops) and np.isfinite(t[l, k])]
+    run.write_parquet(INDICATORS, pd.DataFrame(long, columns=["epoch", "layer", "choice", "op", "score"]))
+
+    last = history[-1] if history else {}
+    result = {
+        "epochs_run": int(state["epoch"]),
+        "epochs_requested": cfg.supernet.epochs,
+        "stopped_early": bool(state["stopped_early"]),
+        "start_epoch": int(start_epoch),
+        "final": {k: _finite_or_none(last.get(k)) for k in ("loss", "acc", "images_per_sec", "rank_distance", "lr")},
+        "fingerprint": space.fingerprint,
+        "space": space.name,
+        "mode": state["mode"],
+        "sampler": cfg.supernet.sampler,
+        "num_workers": cfg.supernet.num_workers,
+        "train_time_s": float(sum(r["time_s"] for r in history)),
+        "elapsed_s": elapsed,
+        "checkpoint": checkpoint_path,
+    }
+    run.write_json(RESULT, result)  # last: marks the stage done
+    progress(f"supernet: done, {result['epochs_run']} epochs ({elapsed:.0f} s); wrote {run.uri}/{STAGE_DIR}/")
+    return result
+
+
+# ============================================================================ for stage 2
+
+def load_supernet(run: RunDir) -> dict:
+    """The trained supernet of a finished stage 1 (``supernet/final.pt``), tensors on CPU."""
+    if not run.exists(RESULT) or not run.exists(FINAL):
+        raise PipelineError(f"no trained supernet in {run.uri} ({RESULT} missing); run stage 1 (train_supernet) first")
+    return run.read_torch(FINAL)
+
+
+def supernet_from_final(final: dict) -> Supernet:
+    """Rebuild the trained Supernet module from ``load_supernet``'s dict."""
+    space = space_from_dict(final["space"], source="supernet/final.pt")
+    model = Supernet(space)
+    model.load_state_dict(final["model"])
+    freeze(model, final["mode"])
+    return model

@@ -1,0 +1,324 @@
+"""Stage 1: BN-only supernet training on Ray Train.
+
+Ray runs are expensive here (each worker group imports torch), so one uninterrupted
+4-epoch run on 2 CPU workers is shared by the module (``reference``); the resume and
+failure tests must end exactly where it ended. Everything else runs in-process through
+``SupernetTrainer`` or on pure functions.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.common import PipelineError
+from pipeline.config import Config, DataConfig, SupernetConfig
+from pipeline.data import build_datasets
+from pipeline.storage import RunDir
+from pipeline.train_supernet import (FAULT_ENV, HISTORY, INDICATORS, RESULT, PathSampler, SupernetTrainer,
+                                     init_supernet, load_supernet, lr_factor, paths_digest, rank_distance,
+                                     supernet_from_final, train_supernet)
+from search_spaces import freeze, get_space
+
+SEED = 7
+EPOCHS = 4
+STEPS = 4  # 320 synthetic images - 64 val = 256 train; / 2 workers / batch 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_train_polling():
+    # Train V2's controller takes one report per worker per poll, every 2 s by default:
+    # with sub-second test epochs that poll, not training, sets the pace. Must be set
+    # before ray_local starts Ray (the controller inherits the raylet's environment).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        yield
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    # Two intra-op threads on a busy 2-core machine run ~8x slower than one.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_cfg(run_dir, **supernet) -> Config:
+    sn = dict(epochs=EPOCHS, batch_size=32, lr=2.0, num_workers=2, max_failures=0, checkpoints_to_keep=2)
+    sn.update(supernet)
+    return Config(
+        seed=SEED, run_dir=str(run_dir),
+        data=DataConfig(name="synthetic", synthetic_train=320, synthetic_test=32, synthetic_size=16,
+                        synthetic_classes=4, val_size=64),
+        supernet=SupernetConfig(**sn),
+    )
+
+
+def fit(cfg: Config):
+    lines = []
+    result = train_supernet(cfg, RunDir(cfg.run_dir), progress=lines.append)
+    return result, lines
+
+
+def epoch_lines(lines):
+    return [ln for ln in lines if ln.startswith("supernet epoch")]
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, tmp_path_factory):
+    """One uninterrupted 4-epoch run, 2 CPU workers, bn_last, uniform paths."""
+    cfg = tiny_cfg(tmp_path_factory.mktemp("reference"))
+    result, lines = fit(cfg)
+    return cfg, result, lines
+
+
+def space_for(cfg: Config):
+    return get_space(cfg.space.name).with_data(in_channels=3, num_classes=4, input_size=16)
+
+
+# ----------------------------------------------------------------------------- Ray runs
+
+def test_two_workers_bn_last(reference):
+    cfg, result, lines = reference
+    run = RunDir(cfg.run_dir)
+    assert result["epochs_run"] == EPOCHS and result["start_epoch"] == 0 and not result["stopped_early"]
+    assert len(epoch_lines(lines)) == EPOCHS and "epoch 4/4" in epoch_lines(lines)[-1]
+
+    final = load_supernet(run)
+    space = space_for(cfg)
+    assert final["fingerprint"] == space.fingerprint == result["fingerprint"] and final["epoch"] == EPOCHS
+
+    # Ranks walked the same paths, and those are the seed's paths.
+    sampler = PathSampler(space, "uniform", SEED)
+    history = run.read_parquet(HISTORY)
+    assert history["epoch"].tolist() == list(range(EPOCHS))
+    visited = set()
+    for e, hashes in zip(history["epoch"], history["path_hashes"]):
+        paths = sampler.epoch_paths(e, STEPS)
+        assert list(hashes) == [paths_digest(paths)] * 2
+        visited |= {(l, int(k)) for k_row in paths[:, 0] for l, k in enumerate(k_row)}
+    assert (history["images_per_sec"] > 0).all() and history["steps"].tolist() == [STEPS] * EPOCHS
+
+    # Frozen weights are bit-identical to the seed's init; BN params moved exactly where paths went.
+    fresh = init_supernet(space, SEED)
+    freeze(fresh, "bn_last")
+    trainable = {n for n, p in fresh.named_parameters() if p.requires_grad}
+    moved_ops = set()
+    for name, p0 in fresh.named_parameters():
+        p1 = final["model"][name]
+        if name not in trainable:
+            assert torch.equal(p0, p1), f"frozen {name} changed"
+        elif not torch.equal(p0, p1):
+            _, l, k, _ = name.split(".", 3)
+            moved_ops.add((int(l), int(k)))
+    with_params = {(int(n.split(".")[1]), int(n.split(".")[2])) for n in trainable}  # identity has none
+    assert trainable and moved_ops == visited & with_params
+
+    # One indicator table per epoch; the final one is the last; NaN exactly where forbidden.
+    tables = final["indicator_history"]
+    assert len(tables) == EPOCHS
+    np.testing.assert_array_equal(final["indicator"], tables[-1])
+    forbidden = np.array([[k >= len(l.ops) or not l.allowed[k] for k in range(space.num_choices)] for l in space.layers])
+    assert (np.isnan(final["indicator"]) == forbidden).all()
+    assert not np.array_equal(tables[0], tables[-1])
+    long = run.read_parquet(INDICATORS)
+    assert len(long) == EPOCHS * int((~forbidden).sum())
+    assert math.isnan(history["rank_distance"][0]) and (history["rank_distance"][1:].between(0, 1)).all()
+
+    # The trained supernet rebuilds for stage 2.
+    model = supernet_from_final(final)
+    assert model(torch.zeros(2, 3, 16, 16), [1] * space.num_layers).shape == (2, 4)
+
+    # Finished: a rerun trains nothing and returns the same result.
+    again, lines2 = fit(cfg)
+    assert again == result and any("skipping" in ln for ln in lines2) and not epoch_lines(lines2)
+
+
+def test_resume_after_crash_matches_uninterrupted(reference, tmp_path, monkeypatch):
+    ref_cfg, ref_result, _ = reference
+    cfg = tiny_cfg(tmp_path)
+    # The run dies at the start of epoch 3 (index 2), after the checkpoint of epoch 2.
+    monkeypatch.setenv(FAULT_ENV, "2:0:1")
+    with pytest.raises(PipelineError, match="rerun the same command"):
+        fit(cfg)
+    run = RunDir(cfg.run_dir)
+    assert not run.exists(RESULT) and run.exists("supernet/.fault_2_0_1")
+    monkeypatch.delenv(FAULT_ENV)
+
+    result, lines = fit(cfg)
+    assert result["start_epoch"] == 2 and result["epochs_run"] == EPOCHS
+    assert any("resuming at epoch 3/4" in ln for ln in lines)
+    assert [ln.split()[2] for ln in epoch_lines(lines)] == ["3/4", "4/4"]
+    history = run.read_parquet(HISTORY)
+    assert history["epoch"].tolist() == [0, 1, 2, 3] and history["start_epoch"].tolist() == [0, 0, 2, 2]
+
+    final, ref = load_supernet(run), load_supernet(RunDir(ref_cfg.run_dir))
+    np.testing.assert_allclose(final["indicator"], ref["indicator"], atol=1e-5, equal_nan=True)
+    for name, value in ref["model"].items():  # in fact bit-for-bit on CPU
+        assert torch.equal(final["model"][name], value), name
+
+
+@pytest.mark.slow
+def test_worker_failure_is_restarted(reference, tmp_path, monkeypatch):
+    ref_cfg, _, _ = reference
+    cfg = tiny_cfg(tmp_path, max_failures=2)
+    monkeypatch.setenv(FAULT_ENV, "1:2:1")  # rank 1 dies mid-epoch 2 (index 1), step 2 of 4
+    result, lines = fit(cfg)
+    run = RunDir(cfg.run_dir)
+    assert run.exists("supernet/.fault_1_2_1")
+    history = run.read_parquet(HISTORY)
+    assert history["epoch"].tolist() == [0, 1, 2, 3]  # every epoch reported exactly once
+    assert history["start_epoch"].tolist() == [0, 1, 1, 1]  # the restart began from epoch 1's checkpoint
+    assert [ln.split()[2] for ln in epoch_lines(lines)] == ["1/4", "2/4", "3/4", "4/4"]
+    assert any("resuming at epoch 2/4" in ln for ln in lines) and result["start_epoch"] == 0
+    ref = load_supernet(RunDir(ref_cfg.run_dir))
+    np.testing.assert_allclose(load_supernet(run)["indicator"], ref["indicator"], atol=1e-5, equal_nan=True)
+
+
+def test_impossible_resources_fail_fast(ray_local, tmp_path):
+    with pytest.raises(PipelineError, match="GPU.*use_gpu=false"):
+        fit(tiny_cfg(tmp_path / "gpu", use_gpu=True, num_workers=1))
+    with pytest.raises(PipelineError, match="CPU"):
+        fit(tiny_cfg(tmp_path / "cpu", cpus_per_worker=64.0))
+
+
+def test_finished_run_with_other_mode_is_refused(reference):
+    cfg, _, _ = reference
+    with pytest.raises(PipelineError, match="mode"):
+        fit(tiny_cfg(cfg.run_dir, mode="bn_all"))
+
+
+def test_load_supernet_before_training(tmp_path):
+    with pytest.raises(PipelineError, match="run stage 1"):
+        load_supernet(RunDir(tmp_path))
+
+
+# ----------------------------------------------------------------------------- in-process
+
+def in_process(mode: str, sampler: str = "uniform", train_images: int = 128):
+    cfg = tiny_cfg("unused", mode=mode, sampler=sampler, num_workers=1)
+    cfg.data.synthetic_train = train_images + cfg.data.val_size
+    splits = build_datasets(cfg.data, seed=SEED)
+    return cfg, SupernetTrainer(cfg, splits)
+
+
+@pytest.mark.parametrize("mode", ["bn_all", "all"])
+def test_modes_train_what_they_say(mode):
+    cfg, trainer = in_process(mode)
+    trainer.train_epoch(0)
+    fresh = init_supernet(trainer.space, SEED)
+    freeze(fresh, mode)
+    after = trainer.model.state_dict()
+    for name, p in fresh.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, after[name]), f"frozen {name} changed"
+    arch = [int(a) for a in trainer.sampler.epoch_paths(0, trainer.steps_per_epoch)[0, 0]]
+    conv = f"layers.0.{arch[0]}.body.0.weight"  # first conv of an op on the path
+    bn = f"layers.0.{arch[0]}.body.1.weight"  # its first BN: frozen in bn_last, trained in bn_all
+    assert not torch.equal(fresh.state_dict()[bn], after[bn])
+    assert torch.equal(fresh.state_dict()[conv], after[conv]) == (mode == "bn_all")
+    assert not torch.equal(fresh.state_dict()["head.conv.1.weight"], after["head.conv.1.weight"])
+
+
+def test_early_stop_when_ranking_is_stable():
+    cfg, trainer = in_process("bn_last", train_images=32)
+    cfg.supernet.stable_patience, cfg.supernet.stable_tol = 2, 1.0  # any distance counts as stable
+    for epoch in range(3):
+        trainer.train_epoch(epoch)
+        # epoch 0 has no previous ranking (NaN) and never counts
+        assert trainer.stopped_early == (epoch == 2)
+    assert trainer.state_dict()["stopped_early"]
+
+
+def test_fair_sampler_takes_every_op_once_per_group():
+    space = get_space("mobilenet_small")  # 7 choices; identity forbidden in each stage's first layer
+    sampler = PathSampler(space, "fair", seed=1)
+    paths = sampler.epoch_paths(0, steps=5)
+    K = space.num_choices
+    assert paths.shape == (5, K, space.num_layers)
+    for group in paths:
+        for l, layer in enumerate(space.layers):
+            allowed = [k for k, a in enumerate(layer.allowed) if a]
+            taken = sorted(group[:, l].tolist())
+            if len(allowed) == K:
+                assert taken == allowed  # exactly once each
+            else:  # padded by re-drawing from the allowed ops
+                assert set(taken) == set(allowed) and len(taken) == K
+        for arch in group:
+            space.validate(arch.tolist())
+    np.testing.assert_array_equal(paths, PathSampler(space, "fair", seed=1).epoch_paths(0, 5))  # reproducible
+    assert not np.array_equal(paths, sampler.epoch_paths(1, 5))  # a new draw per epoch
+
+
+def test_uniform_sampler_is_seeded_per_epoch():
+    space = get_space("mobilenet_small")
+    a, b = PathSampler(space, "uniform", 3), PathSampler(space, "uniform", 3)
+    np.testing.assert_array_equal(a.epoch_paths(2, 50), b.epoch_paths(2, 50))
+    assert not np.array_equal(a.epoch_paths(2, 50), a.epoch_paths(3, 50))
+    paths = a.epoch_paths(0, 400)[:, 0]
+    assert paths[:, 0].max() == 5 and 6 in paths[:, 1]  # identity only where allowed
+
+
+def test_fair_group_is_one_optimizer_step_over_all_ops():
+    cfg, trainer = in_process("bn_last", sampler="fair", train_images=32)  # one batch = one group
+    row = trainer.train_epoch(0)
+    assert row["steps"] == 1 and trainer.scheduler.last_epoch == 1
+    assert row["images_per_sec"] * row["time_s"] == pytest.approx(32 * trainer.space.num_choices)
+    fresh = init_supernet(trainer.space, SEED)
+    freeze(fresh, "bn_last")
+    after = trainer.model.state_dict()
+    for name, p in fresh.named_parameters():
+        if p.requires_grad:  # every op's scored BN took part in the group
+            assert not torch.equal(p, after[name]), name
+
+
+def test_in_process_resume_is_bit_exact():
+    cfg, straight = in_process("bn_last", train_images=64)
+    for e in range(3):
+        straight.train_epoch(e)
+    _, first = in_process("bn_last", train_images=64)
+    first.train_epoch(0)
+    state = first.state_dict()
+    resumed = SupernetTrainer(cfg, first.splits, state=state)
+    assert resumed.next_epoch == 1
+    resumed.train_epoch(1)
+    resumed.train_epoch(2)
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    assert [r["epoch"] for r in resumed.history] == [0, 1, 2]
+
+
+def test_reopened_stage_replans_the_schedule():
+    # Deleting result.json and asking for more epochs continues from the checkpoint with
+    # the LR schedule re-planned over the new total (not the decayed-to-zero old one).
+    cfg, trainer = in_process("bn_last", train_images=64)
+    cfg.supernet.epochs = 2
+    trainer = SupernetTrainer(cfg, trainer.splits)
+    trainer.train_epoch(0)
+    trainer.train_epoch(1)
+    state = trainer.state_dict()
+    cfg.supernet.epochs = 4
+    reopened = SupernetTrainer(cfg, trainer.splits, state=state)
+    steps = reopened.steps_per_epoch
+    assert reopened.next_epoch == 2 and reopened.start_epoch == 2
+    expected = reopened.base_lr * lr_factor(2 * steps, 4 * steps, 0, cfg.supernet.schedule)
+    assert reopened.optimizer.param_groups[0]["lr"] == pytest.approx(expected) and expected > 0
+
+
+def test_rank_distance():
+    t = np.array([[0.9, 0.5, 0.1, np.nan], [0.3, 0.2, 0.1, 0.0]])
+    assert rank_distance(t, t) == 0.0
+    reversed_ = np.array([[0.1, 0.5, 0.9, np.nan], [0.0, 0.1, 0.2, 0.3]])
+    assert rank_distance(t, reversed_) == 1.0
+    # One swap of neighbours in the 4-op layer: L1 = 2; max = floor(3^2/2) + floor(4^2/2) = 4 + 8.
+    swapped = np.array([[0.9, 0.5, 0.1, np.nan], [0.2, 0.3, 0.1, 0.0]])
+    assert rank_distance(t, swapped) == pytest.approx(2 / 12)
+    assert math.isnan(rank_distance(None, t))  # first epoch: nothing to compare with
+
+
+def test_lr_schedule():
+    assert [lr_factor(t, 10, 2, "linear") for t in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert lr_factor(9, 10, 2, "linear") == pytest.approx(1 - 7 / 8)
+    assert lr_factor(2, 10, 2, "cosine") == 1.0 and lr_factor(10, 10, 2, "cosine") == pytest.approx(0.0)
