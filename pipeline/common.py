@@ -50,7 +50,10 @@ def ensure_ray(cfg: Config) -> None:
         except (ConnectionError, RuntimeError, ValueError):
             raise unreachable from None
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus or None, include_dashboard=False, log_to_driver=True)
+        # The dashboard (ray[default]) serves the State API, which Ray Train V2 uses to
+        # release a dead controller's placement group; without it Train logs warnings
+        # every few seconds and a killed driver can leak CPUs.
+        ray.init(num_cpus=cfg.ray.num_cpus or None, log_to_driver=True)
 
 
 def _probe(address: str, error: Exception) -> None:

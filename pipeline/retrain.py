@@ -335,7 +335,7 @@ def retrain_trial(config: dict, *, cfg: Config, space: SearchSpace, ops: dict) -
 
     splits = build_datasets(cfg.data, seed=cfg.seed)
     torch.manual_seed(cfg.seed + index)  # the initial weights: one seed per architecture
-    model = build_subnet(space, arch).to(device)
+    model = build_subnet(space, arch).to(device, memory_format=torch.channels_last)
     optimizer = _optimizer(model, cfg)
     # Cosine over max_t epochs, stepped per epoch: a stopped trial simply never reaches
     # the end; a resumed one continues the same curve.
@@ -404,8 +404,11 @@ def _train_epoch(model, loader, optimizer, criterion, device) -> float:
     model.train()
     total, count = 0.0, 0
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = criterion(model(x), y)
+        # channels_last: depthwise convs run 1.5-2x faster on CPU and on GPU
+        x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            loss = criterion(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -420,7 +423,7 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu") -> tu
     model.eval()
     correct, loss, count = 0, 0.0, 0
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device, memory_format=torch.channels_last), y.to(device)
         logits = model(x)
         loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         correct += int((logits.argmax(1) == y).sum())

@@ -261,7 +261,7 @@ class SupernetTrainer:
         # weights are exactly what init_supernet() rebuilds from the seed.
         self.model = init_supernet(self.space, cfg.seed)
         self.trainable = freeze(self.model, sc.mode)
-        self.channels_last = self.on_gpu and cfg.supernet.channels_last
+        self.channels_last = cfg.supernet.channels_last
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         self.autocast = self.on_gpu and sc.amp  # bf16 on GPU; CPU runs fp32 (bit-exact resume)
 

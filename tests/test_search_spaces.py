@@ -226,22 +226,22 @@ def mob():
 
 
 def test_arch_wrong_length(mob):
-    with pytest.raises(ArchitectureError, match="has 3 choices but space 'mobilenet_small' has 8 layers"):
+    with pytest.raises(ArchitectureError, match="has 3 choices but space 'mobilenet_small' has 7 layers"):
         mob.validate([0, 0, 0])
 
 
 def test_arch_index_out_of_range(mob):
     with pytest.raises(ArchitectureError, match=r"layer 2: choice 9 is out of range 0\.\.6"):
-        mob.validate([0, 0, 9, 0, 0, 0, 0, 0])
+        mob.validate([0, 0, 9, 0, 0, 0, 0])
 
 
 def test_arch_identity_forbidden(mob):
     with pytest.raises(ArchitectureError, match="layer 0: 'identity' is not allowed"):
-        mob.validate([6, 0, 0, 0, 0, 0, 0, 0])
+        mob.validate([6, 0, 0, 0, 0, 0, 0])
 
 
 def test_arch_json_round_trip_and_other_space(mob):
-    arch = (1, 6, 2, 6, 3, 4, 5, 0)
+    arch = (1, 6, 2, 6, 3, 6, 5)
     text = mob.arch_to_json(arch)
     assert json.loads(text)["fingerprint"] == mob.fingerprint
     assert mob.arch_from_json(text) == arch
