@@ -32,12 +32,11 @@ class DataConfig:
     image_size: int = 0  # 0: the dataset's native size (imagefolder needs a value)
     augment: bool = True  # the dataset's standard augmentation for training
     num_workers: int = 0  # DataLoader workers; 0 keeps 2-core laptops responsive
-    # synthetic data only: seeded, class-dependent images a network can learn
-    synthetic_train: int = 2048
-    synthetic_test: int = 512
-    synthetic_classes: int = 4
-    synthetic_size: int = 16
-    synthetic_channels: int = 3
+    synthetic_train: int = 2048  # synthetic only: seeded class patterns a network can learn (tests)
+    synthetic_test: int = 512  # synthetic only
+    synthetic_classes: int = 4  # synthetic only
+    synthetic_size: int = 16  # synthetic only: image side in pixels
+    synthetic_channels: int = 3  # synthetic only
 
 
 @dataclass
@@ -54,7 +53,7 @@ class SupernetConfig:
     lr: float = 0.25  # authors' lr for batch 512; scaled linearly with the global batch
     momentum: float = 0.9
     weight_decay: float = 4e-5  # never applied to BN parameters
-    schedule: Literal["linear", "cosine"] = "linear"  # authors' code: linear decay
+    schedule: Literal["linear", "cosine", "constant"] = "linear"  # authors': linear; constant lets a run be extended exactly
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.1
     grad_clip: float = 5.0  # 0 disables clipping

@@ -78,8 +78,23 @@ def build_config(args: argparse.Namespace) -> Config:
     if args.address:
         overrides.append(f"ray.address={args.address}")
     cfg = load_config(resolve_config_path(args.config), overrides)
-    get_space(cfg.space.name)  # an unknown space or a broken space file fails before any work
+    space = get_space(cfg.space.name)  # an unknown space or a broken space file fails before any work
+    check_ops(space)
     return cfg
+
+
+def check_ops(space) -> None:
+    """Build the space's supernet once on the meta device (no memory; milliseconds).
+
+    An op BN-NAS cannot score (no trailing affine BatchNorm) raises OpError here, before
+    Ray starts or the run dir is touched, instead of inside the Ray Train workers later.
+    """
+    import torch
+
+    from search_spaces import Supernet
+
+    with torch.device("meta"):
+        Supernet(space)
 
 
 def check_saved_config(run: RunDir, cfg: Config, force: bool) -> None:

@@ -57,8 +57,8 @@ from .common import PipelineError, Progress, ensure_ray, resolve_space
 from .config import Config, SearchConfig
 from .data import DataError, Splits, build_datasets, make_loader
 from .storage import RunDir, StorageError
+from .train_supernet import FINAL as SUPERNET_FILE, load_supernet
 
-SUPERNET_FILE = "supernet/final.pt"
 SCORED_FILE = "search/scored.parquet"
 TOPN_FILE = "search/topn.parquet"
 RESULT_FILE = "search/result.json"
@@ -845,20 +845,6 @@ def _fmt_costs(budgets: Budgets, arch: Arch) -> str:
 # ======================================================================================
 # The stage
 # ======================================================================================
-
-
-def load_supernet(run: RunDir) -> dict:
-    if not run.exists(SUPERNET_FILE):
-        raise PipelineError(f"no trained supernet at {run.path(SUPERNET_FILE)}; run stage 1 (train_supernet) first")
-    try:
-        ckpt = run.read_torch(SUPERNET_FILE)
-    except StorageError as e:
-        raise PipelineError(str(e)) from None
-    missing = [k for k in ("space", "fingerprint", "model") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise PipelineError(f"{run.path(SUPERNET_FILE)} lacks {', '.join(missing)}; "
-                            "it was not written by stage 1: rerun stage 1 in a fresh run_dir")
-    return ckpt
 
 
 def checked_space(cfg: Config, ckpt: dict, splits: Splits) -> SearchSpace:

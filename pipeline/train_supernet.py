@@ -13,11 +13,10 @@ supernet and train it data-parallel, then writes the stage's outputs into the ru
     supernet_train/              Ray's own run folder: checkpoint_*/state.pt
 
 Finished / partial / fresh. A run dir with ``supernet/result.json`` is finished: the
-stage returns that file and trains nothing, even when more epochs are asked for (the
-LR schedule of a finished run has decayed to zero, so "four more epochs" would not be
-the run a larger ``epochs`` describes). To continue a finished stage on purpose,
-delete ``supernet/result.json``: the next run resumes from the latest checkpoint with
-the schedule re-planned over the new ``epochs``. Anything else is partial or fresh and
+stage returns that file and trains nothing. Asked for more epochs than it ran, it
+continues from the latest checkpoint: with ``schedule: constant`` the result equals one
+uninterrupted longer run; a decaying schedule (which has reached zero) is re-planned
+over the new ``epochs`` from where it stands. Anything else is partial or fresh and
 goes to Ray with the same ``RunConfig(name, storage_path)``, so ``get_checkpoint()``
 hands the workers the latest checkpoint and training continues from it.
 
@@ -61,7 +60,7 @@ from search_spaces import SearchSpace, Supernet, bn_indicator, freeze, space_fro
 from .common import PipelineError, Progress, ensure_ray, resolve_space, seed_everything
 from .config import Config
 from .data import Splits, build_datasets, make_loader
-from .storage import RunDir
+from .storage import RunDir, StorageError
 
 STAGE_DIR = "supernet"
 RESULT = f"{STAGE_DIR}/result.json"
@@ -177,6 +176,8 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "constant":
+        return 1.0
     return 1.0 - progress
 
 
@@ -667,12 +668,13 @@ def train_supernet(cfg: Config, run: RunDir, progress: Progress = print) -> dict
             raise PipelineError(
                 f"{run.uri} holds a finished supernet of space {result.get('space')!r} mode {result.get('mode')!r}, "
                 f"but this config asks for {space_name(cfg)!r} mode {cfg.supernet.mode!r}; use another run dir")
-        note = ""
-        if cfg.supernet.epochs > result["epochs_run"] and not result["stopped_early"]:
-            note = (f" (asked for {cfg.supernet.epochs}; delete {run.uri}/{RESULT} to continue training "
-                    "from the last checkpoint)")
-        progress(f"supernet: already trained ({result['epochs_run']} epochs) in {run.uri}; skipping{note}")
-        return result
+        if cfg.supernet.epochs <= result["epochs_run"] or result["stopped_early"]:
+            progress(f"supernet: already trained ({result['epochs_run']} epochs) in {run.uri}; skipping")
+            return result
+        # More epochs asked of a finished stage: continue from its last checkpoint. With
+        # schedule=constant this is exactly the longer run; a decaying schedule is
+        # re-planned over the new total from where it stands.
+        progress(f"supernet: extending the finished {result['epochs_run']}-epoch run to {cfg.supernet.epochs} epochs")
 
     t0 = time.time()
     sc = cfg.supernet
@@ -775,10 +777,21 @@ def _write_outputs(run: RunDir, state: dict, cfg: Config, space: SearchSpace, *,
 # ============================================================================ for stage 2
 
 def load_supernet(run: RunDir) -> dict:
-    """The trained supernet of a finished stage 1 (``supernet/final.pt``), tensors on CPU."""
-    if not run.exists(RESULT) or not run.exists(FINAL):
-        raise PipelineError(f"no trained supernet in {run.uri} ({RESULT} missing); run stage 1 (train_supernet) first")
-    return run.read_torch(FINAL)
+    """The trained supernet of stage 1 (``supernet/final.pt``), tensors on CPU.
+
+    final.pt is written atomically, so its presence means stage 1 produced it whole.
+    """
+    if not run.exists(FINAL):
+        raise PipelineError(f"no trained supernet at {run.path(FINAL)}; run stage 1 (train_supernet) first")
+    try:
+        final = run.read_torch(FINAL)
+    except StorageError as e:
+        raise PipelineError(str(e)) from None
+    missing = [k for k in ("space", "fingerprint", "model") if not isinstance(final, dict) or k not in final]
+    if missing:
+        raise PipelineError(f"{run.path(FINAL)} lacks {', '.join(missing)}; "
+                            "it was not written by stage 1: rerun stage 1 in a fresh run_dir")
+    return final
 
 
 def supernet_from_final(final: dict) -> Supernet:

@@ -13,6 +13,9 @@ def ray_local():
 
     if not ray.is_initialized():
         # 4 logical CPUs on a 2-core machine: 2 Train workers + Train's controller + a spare.
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # The dashboard serves the State API: with ray[default] installed but no dashboard,
+        # Train V2's placement-group cleaner takes the live controller for dead and
+        # removes its workers' placement group.
+        ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -219,9 +219,9 @@ def interrupted_run(tmp_path_factory, ray_local):
         deadline = time.time() + 400
         while True:
             snap = snapshot(Path(cfg.run_dir))
-            # Every trial has checkpointed at least one epoch and none has finished.
-            if len(snap) == 2 and all(e >= 1 and not done for e, done in snap.values()) \
-                    and max(e for e, _ in snap.values()) >= 2:
+            # A trial is mid-schedule (checkpointed, not done). On a busy machine the two
+            # trials may not overlap, so waiting for both would race the driver's exit.
+            if any(e >= 1 and not done for e, done in snap.values()):
                 break
             assert driver.poll() is None, f"driver exited early:\n{(tmp / 'driver.log').read_text()[-3000:]}"
             assert time.time() < deadline, f"no checkpoints in time:\n{(tmp / 'driver.log').read_text()[-3000:]}"

@@ -160,6 +160,26 @@ def test_resume_after_crash_matches_uninterrupted(reference, tmp_path, monkeypat
         assert torch.equal(final["model"][name], value), name
 
 
+def test_finished_run_asked_for_more_epochs_continues_exactly(ray_local, tmp_path):
+    """2 epochs, then the same run asked for 4: it starts at epoch 2 and ends where one
+    uninterrupted 4-epoch run ends (constant LR: a decaying schedule depends on the total)."""
+    ref_cfg = tiny_cfg(tmp_path / "ref", schedule="constant")
+    fit(ref_cfg)
+    cfg = tiny_cfg(tmp_path / "ext", schedule="constant", epochs=2)
+    first, _ = fit(cfg)
+    assert first["epochs_run"] == 2
+    cfg.supernet.epochs = 4
+    result, lines = fit(cfg)
+    assert any("extending the finished 2-epoch run to 4 epochs" in ln for ln in lines)
+    assert [ln.split()[2] for ln in epoch_lines(lines)] == ["3/4", "4/4"]
+    assert result["start_epoch"] == 2 and result["epochs_run"] == 4
+    run = RunDir(cfg.run_dir)
+    assert run.read_parquet(HISTORY)["epoch"].tolist() == [0, 1, 2, 3]
+    final, ref = load_supernet(run), load_supernet(RunDir(ref_cfg.run_dir))
+    assert len(final["indicator_history"]) == 4
+    np.testing.assert_allclose(final["indicator"], ref["indicator"], atol=1e-5, equal_nan=True)
+
+
 @pytest.mark.slow
 def test_worker_failure_is_restarted(reference, tmp_path, monkeypatch):
     ref_cfg, _, _ = reference
