@@ -295,7 +295,7 @@ def test_acc_indicator_matches_hand_computed_accuracy(tmp_path, small_model):
     cfg = make_cfg(tmp_path, indicator="acc", calib_batches=3, val_batches=2)
     space = small_model.space
     splits = build_datasets(cfg.data, seed=cfg.seed)
-    arch = space.validate([1, 6, 3, 5, 6, 0, 2, 4])
+    arch = space.validate([1, 6, 3, 5, 4, 6, 2])
     payload = AccIndicator.prepare(cfg=cfg, space=space, checkpoint={"model": small_model.state_dict()},
                                    splits=splits)
 
@@ -338,7 +338,7 @@ def test_infeasible_budget_names_cheapest_cost(tmp_path, small_model):
     ct = cost_tables(space)
     cheapest = ct.fixed_flops + np.nanmin(ct.flops, 1).sum()
     dearest_params = ct.fixed_params + np.nanmax(ct.params, 1).sum()
-    assert 9e5 < cheapest < 1e6  # 972K at 16 px
+    assert 7e5 < cheapest < 8e5  # 742K at 16 px
     cfg, run = setup_run(tmp_path, small_model, max_flops=5e5)
     with pytest.raises(PipelineError) as e:
         run_search(cfg, run, progress=lambda s: None)
