@@ -53,7 +53,9 @@ def ensure_ray(cfg: Config) -> None:
         # The dashboard (ray[default]) serves the State API, which Ray Train V2 uses to
         # release a dead controller's placement group; without it Train logs warnings
         # every few seconds and a killed driver can leak CPUs.
-        ray.init(num_cpus=cfg.ray.num_cpus or None, log_to_driver=True)
+        # address="local": always a fresh in-process instance; a bare ray.init() would
+        # join whatever cluster /tmp/ray/ray_current_cluster names, even a dead one.
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus or None, log_to_driver=True)
 
 
 def _probe(address: str, error: Exception) -> None:
