@@ -920,7 +920,9 @@ def _summary(row: Optional[Record], budgets: Budgets, space: SearchSpace) -> Opt
 def run_search(cfg: Config, run: RunDir, progress: Progress = print, *,
                hooks: Optional[SearchHooks] = None) -> dict:
     """Stage 2. Returns the result dict (also written to ``search/result.json``)."""
-    if run.exists(RESULT_FILE):
+    # Finished means the result *and* the top-N it stands for: after a damaged top-N is
+    # deleted (as its CorruptFileError message says), the search runs again.
+    if run.exists(RESULT_FILE) and run.exists(TOPN_FILE):
         result = run.read_json(RESULT_FILE)
         progress(f"search: finished already ({run.path(RESULT_FILE)}); best score {result['best']['score']:.5g}")
         return result

@@ -662,7 +662,10 @@ def space_name(cfg: Config) -> str:
 
 def train_supernet(cfg: Config, run: RunDir, progress: Progress = print) -> dict:
     """Stage 1. Returns the contents of ``supernet/result.json`` (see module doc)."""
-    if run.exists(RESULT):
+    # Finished means the result *and* the supernet it stands for: after a damaged
+    # final.pt is deleted (as its CorruptFileError message says), the stage rewrites it
+    # from the latest checkpoint (or trains again if that is gone too).
+    if run.exists(RESULT) and run.exists(FINAL):
         result = run.read_json(RESULT)
         if (result.get("space"), result.get("mode")) != (space_name(cfg), cfg.supernet.mode):
             raise PipelineError(

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -112,42 +111,48 @@ def test_worker_node_removed_mid_epoch_resumes_on_replacement_node(tmp_path, mon
     run = RunDir(cfg.run_dir)
     train_dir = Path(cfg.run_dir) / TRAIN_NAME
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False,
+        # The dashboard serves the State API that Train V2's placement-group cleaner queries.
+        "num_cpus": 0, "include_dashboard": True,
         "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
                            "health_check_failure_threshold": 3}})
-    chaos: dict = {}
+    # The Cluster records its address in /tmp/ray/ray_current_cluster, where any plain
+    # ray.init() on this machine would join it; this test connects by address instead.
+    ray._common.utils.reset_ray_address()
+    outcome: dict = {}
     try:
         workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         assert ray.cluster_resources().get("CPU") == 2 and len([n for n in ray.nodes() if n["Alive"]]) == 3
 
-        def remove_and_replace() -> None:
-            deadline = time.monotonic() + 240
-            while _registered_epoch(train_dir) is None:
-                if time.monotonic() > deadline or chaos.get("stop"):
-                    chaos["error"] = "no registered checkpoint in time"
-                    return
-                time.sleep(0.05)
-            chaos["registered_at_removal"] = _registered_epoch(train_dir)
-            cluster.remove_node(workers[1], allow_graceful=False)
-            chaos["removed_at"] = time.monotonic()
-            chaos["replacement"] = cluster.add_node(num_cpus=1)
-
-        thread = threading.Thread(target=remove_and_replace, daemon=True)
-        thread.start()
+        # Training runs in a thread; this (main) thread removes and adds nodes, which
+        # Ray only allows from the main thread (signal handlers).
         lines: list[str] = []
+
+        def fit() -> None:
+            try:
+                outcome["result"] = train_supernet(cfg, run, progress=lines.append)
+            except BaseException as e:  # noqa: BLE001 -- reported by the main thread
+                outcome["error"] = e
+
         t0 = time.monotonic()
-        try:
-            result = train_supernet(cfg, run, progress=lines.append)
-        finally:
-            chaos["stop"] = True
-            thread.join(60)
-        print(f"\nnode removed after epoch {chaos.get('registered_at_removal')} registered; "
+        trainer = threading.Thread(target=fit, name="train-supernet", daemon=True)
+        trainer.start()
+        deadline = t0 + 240
+        while _registered_epoch(train_dir) is None:
+            assert trainer.is_alive(), f"training ended before the fault: {outcome}"
+            assert time.monotonic() < deadline, "no registered checkpoint in time"
+            time.sleep(0.05)
+        registered = _registered_epoch(train_dir)
+        cluster.remove_node(workers[1], allow_graceful=False)  # the node dies outright
+        t_removed = time.monotonic()
+        cluster.add_node(num_cpus=1)  # a replacement joins
+        trainer.join(max(1.0, deadline - time.monotonic()))
+        print(f"\nnode removed {t_removed - t0:.0f}s in, after epoch {registered} was registered; "
               f"run took {time.monotonic() - t0:.0f}s; progress:\n" + "\n".join(lines))
-        assert "error" not in chaos, chaos["error"]
-        assert "replacement" in chaos, "the worker node was never removed"
-        assert result["epochs_run"] == epochs
+        assert not trainer.is_alive(), "training did not finish after the node was replaced"
+        assert "error" not in outcome, repr(outcome["error"])
+        assert outcome["result"]["epochs_run"] == epochs
 
         history = run.read_parquet(HISTORY)
         # No epoch lost, none duplicated.
@@ -156,12 +161,12 @@ def test_worker_node_removed_mid_epoch_resumes_on_replacement_node(tmp_path, mon
         # node went: epochs before it come from the first worker group, the rest from the new one.
         starts = history["start_epoch"].tolist()
         restart = max(starts)
-        assert restart >= chaos["registered_at_removal"] + 1, starts
+        assert restart >= registered + 1, starts
         assert starts == [0] * restart + [restart] * (epochs - restart), starts
         # Both ranks walked the same paths in every epoch, before and after the restart.
-        assert all(len(set(h)) == 1 and len(h) == 2 for h in history["path_hashes"])
+        assert all(len(h) == 2 and len(set(h)) == 1 for h in history["path_hashes"])
     finally:
-        chaos["stop"] = True
+        # Ends the training thread too, if it is still waiting for workers.
         ray.shutdown()
         cluster.shutdown()
 
@@ -172,13 +177,16 @@ def test_worker_node_removed_mid_epoch_resumes_on_replacement_node(tmp_path, mon
 
 def _kill_run_config(tmp: Path) -> Path:
     """The smallest run that still exercises every stage: Ray Train, the actor search
-    (evolution + exact), Tune trials, export and report."""
+    (evolution + exact), Tune trials and the export (the report is left out: it adds
+    seconds per run and nothing to what is compared)."""
     cfg = {
         "seed": 5,
-        "data": {"name": "synthetic", "synthetic_train": 448, "synthetic_test": 64, "synthetic_classes": 4,
+        "data": {"name": "synthetic", "synthetic_train": 640, "synthetic_test": 64, "synthetic_classes": 4,
                  "synthetic_size": 16, "val_size": 64},
         "space": {"name": _tiny_space(tmp)},
-        "supernet": {"epochs": 2, "batch_size": 32, "num_workers": 1, "max_failures": 1},
+        # Batches of 2: 288 steps, epochs of a few seconds, so that the kill after the
+        # first registered checkpoint lands inside the second epoch.
+        "supernet": {"epochs": 2, "batch_size": 2, "num_workers": 1, "max_failures": 1},
         "search": {"method": "both", "max_flops": 0.0, "population": 8, "generations": 3, "parents": 3,
                    "mutations": 3, "crossovers": 3, "top_n": 2, "num_actors": 1, "batch_archs": 2},
         # grace_period = epochs: ASHA never stops a trial, so the winner cannot depend on
@@ -198,7 +206,8 @@ def _start_driver(cfg_file: Path, run_dir: Path, log: Path) -> subprocess.Popen:
     try:
         # Its own session, so that whatever of its Ray outlives it can be ended by group id.
         return subprocess.Popen(
-            [sys.executable, "-m", "pipeline.run", "--config", str(cfg_file), "--run-dir", str(run_dir)],
+            [sys.executable, "-m", "pipeline.run", "--config", str(cfg_file), "--run-dir", str(run_dir),
+             "--stages", "supernet,search,retrain"],
             cwd=REPO, env=_env(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5", PYTHONUNBUFFERED="1"), stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True)
     finally:
@@ -236,13 +245,12 @@ def _state(d: Path) -> dict:
 # turns true. A condition already true when an attempt starts is skipped (the previous
 # attempt got further than planned), so every kill lands at a new point.
 TRIGGERS = [
-    ("stage 1 starting (Ray Train worker group)", lambda d: (d / "supernet/run.json").exists()),
-    ("stage 1 mid-epoch 2 (epoch 1 checkpointed)", lambda d: _registered_epoch(d / "supernet_train") is not None),
+    ("stage 1 in epoch 2 (epoch 1 checkpointed)", lambda d: _registered_epoch(d / "supernet_train") is not None),
     ("stage 2 under way (scores cached)",
      lambda d: (d / "search/cache.parquet").exists() or (d / "search/result.json").exists()),
     ("stage 3 starting (Tune experiment)", lambda d: (d / "retrain/inputs.json").exists()),
     ("stage 3 mid-trial (a trial checkpointed)", lambda d: any((d / "retrain_tune").glob("*/checkpoint_*"))),
-    ("export / report (model written)", lambda d: (d / "model/arch.json").exists()),
+    ("stage 3 exporting (model files being written)", lambda d: (d / "model/weights.pt").exists()),
 ]
 
 
@@ -336,20 +344,18 @@ def test_driver_sigkilled_repeatedly_final_result_equals_uninterrupted(tmp_path)
         text = k["rerun_log"].read_text()
         for pattern in _continuation_expected(k["state"]):
             assert re.search(pattern, text), f"after the kill at {k['at']}, expected /{pattern}/ in:\n{text[-3000:]}"
-        assert "Traceback" not in text, text[-3000:]
+        # The driver itself never died of an exception (Ray's actors may log their own).
+        assert not re.search(r"^Traceback", text, re.M), text[-3000:]
 
     ref, got = _outputs(ref_dir), _outputs(run_dir)
     np.testing.assert_array_equal(got.pop("indicator"), ref.pop("indicator"))  # bit-for-bit, NaN = forbidden
     assert got == ref
-    assert (run_dir / "report/summary.md").exists() and (run_dir / "model/model.pt2").exists()
+    assert {p.name for p in (run_dir / "model").iterdir()} == {p.name for p in (ref_dir / "model").iterdir()}
 
 
 # =============================================================================
 # 3. A Tune trial's process killed
 # =============================================================================
-
-LINE = re.compile(r"retrain: trial (\d+)/\d+ \S.*? epoch (\d+)/(\d+) val_acc")
-
 
 def _recording_trial(pid_dir: str):
     """The real trial function, but first recording this trial's process id.
@@ -398,15 +404,19 @@ def test_killed_trial_process_resumes_from_its_checkpoint_others_unaffected(tmp_
     killed: dict = {}
     lines: list[str] = []
 
-    def progress(line: str) -> None:
-        lines.append(line)
-        m = LINE.search(line)
-        # Trial 1 has reported (and checkpointed) epoch 1 of 3: kill its process now.
-        if m and not killed and (int(m[1]), int(m[2])) == (1, 1):
-            killed["pid"] = int((pid_dir / "0").read_text())
-            os.kill(killed["pid"], signal.SIGKILL)
+    class KillAfterCheckpoint(retrain_mod._ProgressCallback):
+        """Tune registers a function trainable's checkpoint in a second round trip to the
+        trial's process (a "save" after the result): kill only once that is done, i.e.
+        once trial 1's epoch-1 checkpoint is one a retry can resume from."""
 
-    result = retrain_mod.run_retrain(cfg, run, progress=progress)
+        def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+            if not killed and trial.config.get("arch_index") == 0 and (trial.last_result or {}).get("epoch") == 1:
+                killed["pid"] = int((pid_dir / "0").read_text())
+                os.kill(killed["pid"], signal.SIGKILL)
+
+    monkeypatch.setattr(retrain_mod, "_ProgressCallback", KillAfterCheckpoint)
+
+    result = retrain_mod.run_retrain(cfg, run, progress=lines.append)
     print("\n" + "\n".join(lines))
     assert killed, "trial 1 never reported epoch 1"
     assert any("trial 1/2" in ln and "retrying from its last checkpoint" in ln for ln in lines)
@@ -433,7 +443,8 @@ def test_killed_trial_process_resumes_from_its_checkpoint_others_unaffected(tmp_
 
 SMALL = ["data.name=synthetic", "data.synthetic_train=96", "data.synthetic_test=16", "data.val_size=32",
          "data.synthetic_size=16", "data.synthetic_classes=4", "supernet.batch_size=16", "search.max_flops=0",
-         "search.top_n=2"]
+         "search.top_n=2", "search.population=8", "search.generations=2", "search.parents=2", "search.mutations=2",
+         "search.crossovers=2", "search.num_actors=1"]
 
 
 def _sets(items) -> list[str]:
@@ -500,6 +511,21 @@ def test_truncated_stage_output_is_reported_not_loaded(tmp_path, ray_local, caps
     assert "delete it to redo the step that writes it" in err
 
 
+def test_deleting_the_reported_file_redoes_its_step(tmp_path, ray_local, capsys):
+    """The corrupt-file message says "delete it to redo the step that writes it": doing
+    just that must work, not leave the stage 'finished' without its output."""
+    run_dir = _make_run(tmp_path, SMALL, supernet=True)
+    args = [*_sets(SMALL), "--run-dir", str(run_dir)]
+    assert main([*args, "--stages", "search"]) == 0
+    topn = run_dir / "search" / "topn.parquet"
+    expected = pd.read_parquet(topn)
+    _truncate(topn)
+    _fails(run_dir, [*_sets(SMALL), "--stages", "retrain"], f"{topn} is truncated or corrupt", capsys)
+    topn.unlink()
+    assert main([*args, "--stages", "search"]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(topn), expected)
+
+
 def test_op_without_trailing_bn_at_cli(tmp_path, capsys):
     """A user op (registered in Python, used from a space YAML) that BN-NAS cannot score
     is refused before Ray starts or the run dir is touched."""
@@ -512,7 +538,7 @@ def test_op_without_trailing_bn_at_cli(tmp_path, capsys):
         space = tmp_path / "nobn.yaml"
         space.write_text(TINY_SPACE.replace("mbconv_k5_e3, identity]}\n  - {channels: 24",
                                             "test_no_trailing_bn, identity]}\n  - {channels: 24"))
-        _fails(run_dir, [*_sets(SMALL), "--set", f"space.name={space}", "--stages", "supernet"],
+        _fails(run_dir, [*_sets(SMALL), "--set", f"space.name={space}", "--stages", "supernet", "--force"],
                "op 'test_no_trailing_bn' does not end in an affine BatchNorm2d", capsys)
     finally:
         OPS.pop("test_no_trailing_bn", None)
