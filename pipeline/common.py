@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from search_spaces import SearchSpace, get_space
+from search_spaces import OPS, SearchSpace, get_space, register_op
 
 from .config import Config
 
@@ -30,6 +30,23 @@ def resolve_space(cfg: Config, in_channels: int, num_classes: int, image_size: i
     """The configured space, adapted to the dataset's channels, classes and image size."""
     return get_space(cfg.space.name).with_data(in_channels=in_channels, num_classes=num_classes,
                                                input_size=image_size)
+
+
+def space_ops(space: SearchSpace) -> dict:
+    """The space's op constructors, to ship to Ray workers with the space itself.
+
+    An op registered in the driver (a user's script) is unknown in a fresh Ray worker;
+    cloudpickle carries built-in factories by reference and a script's by value.
+    """
+    names = {op for st in space.stages for op in st.ops} | {s.op for s in space.stem if s.type == "op"}
+    return {name: OPS[name] for name in sorted(names)}
+
+
+def register_ops(ops: dict) -> None:
+    """In a worker: register the shipped ops it does not know yet."""
+    for name, factory in ops.items():
+        if name not in OPS:
+            register_op(name, factory)
 
 
 def ensure_ray(cfg: Config) -> None:

@@ -605,7 +605,8 @@ def _plot_retrain_curves(run: RunDir) -> str:
         kw = {"linewidth": 3.0 if is_win else 1.3, "alpha": 1.0 if is_win else 0.75, "zorder": 5 if is_win else 3,
               "color": color}
         best = h["_acc"].max()
-        label = f"trial {t}{' (winner)' if is_win else ''}: best {best:.2f}%"
+        # 1-based, as the command line numbers trials
+        label = f"trial {int(t) + 1}{' (winner)' if is_win else ''}: best {best:.2f}%"
         axes[0].plot(h["epoch"], h["_acc"], marker="o", markersize=3.5, label=label, **kw)
         if has_loss:
             axes[1].plot(h["epoch"], h["val_loss"], marker="o", markersize=3.5, **kw)

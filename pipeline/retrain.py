@@ -39,12 +39,15 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from ray.tune import Callback
+try:
+    from ray.tune import Callback
+except ImportError:  # the trial's train/evaluate functions also serve bench/ on machines without Ray
+    Callback = object
 from torch import nn
 
-from search_spaces import OPS, ArchitectureError, SearchSpace, build_subnet, cost_tables, register_op
+from search_spaces import ArchitectureError, SearchSpace, build_subnet, cost_tables
 
-from .common import PipelineError, Progress, ensure_ray, resolve_space
+from .common import PipelineError, Progress, ensure_ray, register_ops, resolve_space, space_ops
 from .config import Config, diff_configs
 from .data import build_datasets, make_loader
 from .storage import RunDir, StorageError
@@ -53,6 +56,7 @@ TOPN = "search/topn.parquet"
 EXPERIMENT = "retrain_tune"  # Tune's experiment folder inside the run dir
 INPUTS = "retrain/inputs.json"
 TRIALS = "retrain/trials.parquet"
+HISTORY = "retrain/history.parquet"  # per trial and epoch, from the trials' own checkpoints
 RESULT = "retrain/result.json"
 MODEL_DIR = "model"
 CKPT_FILE = "state.pt"  # inside each Tune checkpoint directory
@@ -87,6 +91,7 @@ def run_retrain(cfg: Config, run: RunDir, progress: Progress = print) -> dict:
 
     rows = _trial_rows(results, candidates, r.epochs)
     winner = _pick_winner(rows, r.epochs)
+    _write_history(run, rows)
 
     # The test set is touched exactly here, once, for the one chosen network.
     state = _load_checkpoint_state(winner.pop("_checkpoint"))
@@ -204,7 +209,7 @@ def _tuner(cfg: Config, run: RunDir, space: SearchSpace, archs: list[tuple[int, 
     r = cfg.retrain
     exp_path = _join(run.storage_path, EXPERIMENT)
     trainable = tune.with_resources(
-        tune.with_parameters(retrain_trial, cfg=cfg, space=space, ops=_op_factories(space)),
+        tune.with_parameters(retrain_trial, cfg=cfg, space=space, ops=space_ops(space)),
         {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
     inputs = {"seed": cfg.seed, "space": space.name, "fingerprint": space.fingerprint,
               "archs": [list(a) for a in archs], "retrain": cfg.to_dict()["retrain"], "data": cfg.to_dict()["data"]}
@@ -261,22 +266,6 @@ def _restorable(run: RunDir, exp_path: str) -> bool:
         n.startswith("experiment_state") for n in run.listdir(EXPERIMENT))
 
 
-def _op_factories(space: SearchSpace) -> dict:
-    """The space's op constructors, shipped to the trial processes.
-
-    An op registered in the driver (a user's script) is unknown in a fresh Ray worker;
-    cloudpickle carries built-in factories by reference and a script's by value.
-    """
-    names = {op for st in space.stages for op in st.ops} | {s.op for s in space.stem if s.type == "op"}
-    return {name: OPS[name] for name in sorted(names)}
-
-
-def _register_ops(ops: dict) -> None:
-    for name, factory in ops.items():
-        if name not in OPS:
-            register_op(name, factory)
-
-
 class _ProgressCallback(Callback):
     """Concise progress lines from the driver: one per trial epoch, one per trial end."""
 
@@ -329,7 +318,7 @@ def retrain_trial(config: dict, *, cfg: Config, space: SearchSpace, ops: dict) -
     r = cfg.retrain
     index = int(config["arch_index"])
     arch = space.validate(config["archs"][index])
-    _register_ops(ops)
+    register_ops(ops)
     torch.set_num_threads(max(1, int(r.cpus_per_trial)))
     device = _device(r.gpus_per_trial)
 
@@ -337,12 +326,14 @@ def retrain_trial(config: dict, *, cfg: Config, space: SearchSpace, ops: dict) -
     torch.manual_seed(cfg.seed + index)  # the initial weights: one seed per architecture
     model = build_subnet(space, arch).to(device, memory_format=torch.channels_last)
     optimizer = _optimizer(model, cfg)
-    # Cosine over max_t epochs, stepped per epoch: a stopped trial simply never reaches
-    # the end; a resumed one continues the same curve.
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=r.epochs)
+    drop_last = len(splits.train) > r.batch_size  # a 1-sample batch breaks BatchNorm
+    # Cosine over max_t epochs, stepped per batch: it reaches 0 at the last step, which a
+    # per-epoch step would not in a 3-4 epoch schedule. A stopped trial never reaches the
+    # end; a resumed one continues the same curve (the step count is in its checkpoint).
+    scheduler = cosine_schedule(optimizer, r.epochs * _steps_per_epoch(len(splits.train), r.batch_size, drop_last))
     criterion = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
 
-    start_epoch, best_val_acc = 0, 0.0
+    start_epoch, best_val_acc, history = 0, 0.0, []
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # a restored or retried trial: continue, do not restart
         with checkpoint.as_directory() as d:
@@ -351,9 +342,9 @@ def retrain_trial(config: dict, *, cfg: Config, space: SearchSpace, ops: dict) -
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best_val_acc = int(state["epoch"]), float(state["best_val_acc"])
+        history = list(state.get("history", []))
 
     val_loader = make_loader(splits.val, r.batch_size, shuffle=False)
-    drop_last = len(splits.train) > r.batch_size  # a 1-sample batch breaks BatchNorm
     for epoch in range(start_epoch, r.epochs):
         t0 = time.time()
         # Seeded per epoch, so augmentation draws are the same whether or not the trial
@@ -361,17 +352,21 @@ def retrain_trial(config: dict, *, cfg: Config, space: SearchSpace, ops: dict) -
         torch.manual_seed(_epoch_seed(cfg.seed, index, epoch))
         loader = make_loader(splits.train, r.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
                              drop_last=drop_last, num_workers=cfg.data.num_workers)
-        train_loss = _train_epoch(model, loader, optimizer, criterion, device)
-        scheduler.step()
+        train_loss = _train_epoch(model, loader, optimizer, criterion, device, scheduler)
         val_acc, val_loss = evaluate(model, val_loader, device)
         best_val_acc = max(best_val_acc, val_acc)
         metrics = {"epoch": epoch + 1, "val_acc": val_acc, "val_loss": val_loss, "train_loss": train_loss,
                    "best_val_acc": best_val_acc, "lr": optimizer.param_groups[0]["lr"],
                    "start_epoch": start_epoch, "arch_index": index, "epoch_s": time.time() - t0}
+        # The curve travels in the checkpoint: Tune's result.json can lose a row when a
+        # retried trial's log is restored from an older synced copy.
+        history.append({k: metrics[k] for k in ("epoch", "val_acc", "val_loss", "train_loss", "lr", "start_epoch",
+                                                "epoch_s")})
         with tempfile.TemporaryDirectory(prefix="bnnas-retrain-") as d:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                        "best_val_acc": best_val_acc, "arch": list(arch)}, os.path.join(d, CKPT_FILE))
+                        "best_val_acc": best_val_acc, "arch": list(arch), "history": history},
+                       os.path.join(d, CKPT_FILE))
             # report copies the folder to storage before it returns.
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
@@ -389,6 +384,17 @@ def _device(gpus: float) -> torch.device:
     return torch.device("cuda")
 
 
+def _steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine from the optimizer's lr to 0 over ``total_steps`` (the supernet's lr_factor)."""
+    from .train_supernet import lr_factor
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: lr_factor(t, total_steps, 0, "cosine"))
+
+
 def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     r = cfg.retrain
     # No weight decay on BN parameters and biases (standard; decaying gamma fights BN).
@@ -400,7 +406,8 @@ def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, nesterov=r.momentum > 0)
 
 
-def _train_epoch(model, loader, optimizer, criterion, device) -> float:
+def _train_epoch(model, loader, optimizer, criterion, device, scheduler=None) -> float:
+    """One pass over ``loader``; ``scheduler`` (if any) steps once per batch."""
     model.train()
     total, count = 0.0, 0
     for x, y in loader:
@@ -412,6 +419,8 @@ def _train_epoch(model, loader, optimizer, criterion, device) -> float:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         total += loss.item() * len(y)
         count += len(y)
     return total / max(count, 1)
@@ -494,12 +503,12 @@ def _evaluate_test_remote(cfg: Config, space: SearchSpace, arch: Sequence[int], 
 
     r = cfg.retrain
     task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial, max_retries=2)(test_accuracy)
-    return ray.get(task.remote(cfg, space, tuple(arch), state, _op_factories(space)))
+    return ray.get(task.remote(cfg, space, tuple(arch), state, space_ops(space)))
 
 
 def test_accuracy(cfg: Config, space: SearchSpace, arch: Sequence[int], state: dict, ops: dict | None = None) -> dict:
     """The test split's accuracy and loss for these weights (also usable without Ray)."""
-    _register_ops(ops or {})
+    register_ops(ops or {})
     r = cfg.retrain
     torch.set_num_threads(max(1, int(r.cpus_per_trial)))
     device = _device(r.gpus_per_trial)
@@ -511,6 +520,16 @@ def test_accuracy(cfg: Config, space: SearchSpace, arch: Sequence[int], state: d
 
 
 test_accuracy.__test__ = False  # not a pytest test, despite the name
+
+
+def _write_history(run: RunDir, rows: list[dict]) -> None:
+    """Every trial's per-epoch metrics, as its last checkpoint recorded them."""
+    import pandas as pd
+
+    hist = [{"trial": row["trial"], "arch": str(row["arch"]), **h}
+            for row in rows if row.get("_checkpoint") is not None
+            for h in _load_checkpoint_state(row["_checkpoint"]).get("history", [])]
+    run.write_parquet(HISTORY, pd.DataFrame(hist))
 
 
 def _write_trials(run: RunDir, rows: list[dict]) -> None:
@@ -541,7 +560,8 @@ def _print_table(rows: list[dict], max_t: int, progress: Progress) -> None:
         progress(f"retrain: {row['trial'] + 1:>2} {arch:<28} {epochs:>6} {row['best_val_acc']:>8.4f} "
                  f"{row['final_val_acc']:>9.4f} {row['flops'] / 1e6:>8.2f} {row['params']:>9.0f} "
                  f"{row['bn_score']:>7.3f} {test:>6}")
-    progress("retrain: * stopped early by ASHA")
+    if any(row["stopped_early"] for row in rows):
+        progress("retrain: * stopped early by ASHA")
 
 
 def _read_json(run: RunDir, rel: str) -> Any:

@@ -45,7 +45,6 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-import ray
 import torch
 from torch import nn
 
@@ -531,11 +530,13 @@ def exact_search(table: np.ndarray, budgets: Budgets, top_n: int = 1, *, buckets
 # ======================================================================================
 
 
-@ray.remote
 class ScorerActor:
-    """Holds one indicator instance; scores batches of architectures."""
+    """Holds one indicator instance; scores batches of architectures (a Ray actor:
+    ``ScorerPool`` wraps it with ``ray.remote``, so this module imports without Ray)."""
 
     def __init__(self, indicator_cls: type[Indicator], payload: dict, num_cpus: float):
+        import ray
+
         # payload was a top-level ObjectRef argument, so Ray hands it over resolved.
         # One torch thread per reserved CPU: more would fight the other actors for cores.
         torch.set_num_threads(max(1, int(num_cpus)))
@@ -572,7 +573,10 @@ class ScorerPool:
     def __init__(self, indicator_cls: type[Indicator], payload: dict, *, num_actors: int,
                  num_cpus: float = 1.0, num_gpus: float = 0.0, hooks: Optional[SearchHooks] = None,
                  max_replacements: Optional[int] = None):
+        import ray
+
         self.indicator_cls, self.num_cpus, self.num_gpus = indicator_cls, num_cpus, num_gpus
+        self.actor_cls = ray.remote(ScorerActor)
         self.hooks = hooks or SearchHooks()
         self.payload_ref = ray.put(payload)  # once: every actor reads this one copy
         self.actors = [self._start() for _ in range(num_actors)]
@@ -590,10 +594,12 @@ class ScorerPool:
             raise PipelineError(f"a scorer actor failed to start: {_one_line(e)}") from e
 
     def _start(self):
-        return ScorerActor.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus).remote(
+        return self.actor_cls.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus).remote(
             self.indicator_cls, self.payload_ref, self.num_cpus)
 
     def _replace(self, slot: int, err: BaseException) -> None:
+        import ray
+
         self.replacements += 1
         if self.replacements > self.max_replacements:
             raise PipelineError(f"scorer actors died {self.replacements} times; giving up "
@@ -603,6 +609,8 @@ class ScorerPool:
         self.generation[slot] += 1
 
     def score(self, archs: np.ndarray, batch_size: int) -> np.ndarray:
+        import ray
+
         archs = np.ascontiguousarray(archs, dtype=np.int64)
         if len(archs) == 0:
             return np.zeros(0)
@@ -648,6 +656,8 @@ class ScorerPool:
         return np.concatenate(results)
 
     def shutdown(self) -> None:
+        import ray
+
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []

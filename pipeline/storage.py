@@ -44,6 +44,16 @@ REMOTE_LOCK_HEARTBEAT_S = 30.0
 REMOTE_LOCK_STALE_S = 300.0
 
 
+def _new_file_mode() -> int:
+    """The mode open() gives a new file: 0o666 less the process umask (read once, at import)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_NEW_FILE_MODE = _new_file_mode()
+
+
 class StorageError(RuntimeError):
     """A problem with the run directory, phrased for the user."""
 
@@ -125,6 +135,7 @@ class RunDir:
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(dest)}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), _NEW_FILE_MODE)  # mkstemp's 0600 would hide reports from others
                 f.write(data)
                 f.flush()
                 # Without fsync a power loss after the rename can leave an empty file.

@@ -41,6 +41,7 @@ Test-only fault hook: ``BNNAS_FAULT_STEP=<epoch>:<step>:<rank>`` makes that rank
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
@@ -57,7 +58,7 @@ from torch import nn
 
 from search_spaces import SearchSpace, Supernet, bn_indicator, freeze, space_from_dict
 
-from .common import PipelineError, Progress, ensure_ray, resolve_space, seed_everything
+from .common import PipelineError, Progress, ensure_ray, register_ops, resolve_space, seed_everything, space_ops
 from .config import Config
 from .data import Splits, build_datasets, make_loader
 from .storage import RunDir, StorageError
@@ -247,7 +248,7 @@ class SupernetTrainer:
 
     def __init__(self, cfg: Config, splits: Splits, *, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu", state: Optional[dict] = None,
-                 run_uri: str = "", fault: str = ""):
+                 run_uri: str = "", fault: str = "", space: Optional[SearchSpace] = None):
         sc = cfg.supernet
         self.cfg, self.splits = cfg, splits
         self.rank, self.world_size = rank, world_size
@@ -257,7 +258,9 @@ class SupernetTrainer:
         self.run_uri, self.fault = run_uri, _Fault.parse(fault)
 
         info = splits.info
-        self.space = resolve_space(cfg, info.in_channels, info.num_classes, info.image_size)
+        # The driver resolves the space and ships it: a space or op registered in a user's
+        # script, or a space file on the driver's disk only, is unknown on a worker.
+        self.space = space or resolve_space(cfg, info.in_channels, info.num_classes, info.image_size)
         # Same seed on every rank: identical weights without a broadcast, and the frozen
         # weights are exactly what init_supernet() rebuilds from the seed.
         self.model = init_supernet(self.space, cfg.seed)
@@ -311,8 +314,10 @@ class SupernetTrainer:
             "sampler": self.sampler.state_dict(),
             "epoch": self.next_epoch,  # epochs completed = index of the next epoch
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            # Copies, like the model's: torch returns live references to the momentum
+            # buffers, and a trainer restored in-process would otherwise share them.
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "scheduler": copy.deepcopy(self.scheduler.state_dict()),
             "indicator_history": list(self.indicator_history),
             "history": list(self.history),
             "stable_count": self.stable_count,
@@ -478,11 +483,28 @@ class SupernetTrainer:
 
 # ============================================================================ Ray train loop
 
+def _quiet_ray_train_logs() -> None:
+    """Train V2 logs every report (our metrics carry the whole indicator table) and every
+    checkpoint at INFO on each worker; rank 0's one progress line per epoch says it all."""
+    import logging
+
+    names = ["ray.train.v2._internal.execution.storage", "ray.train._internal.storage"]
+    try:  # this module's logger is named after its file path
+        from ray.train.v2._internal.execution import context as _ctx
+        names.append(_ctx.__file__)
+    except ImportError:  # another Ray release: its lines are noise, not an error
+        pass
+    for name in names:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
     from ray.train import Checkpoint
 
+    _quiet_ray_train_logs()
+    register_ops(config.get("ops", {}))
     cfg: Config = config["cfg"]
     events = config.get("events")
     ctx = ray.train.get_context()
@@ -510,7 +532,7 @@ def _train_loop_per_worker(config: dict) -> None:
         device = torch.device("cpu")
     splits = build_datasets(cfg.data, seed=cfg.seed)
     trainer = SupernetTrainer(cfg, splits, rank=rank, world_size=world, device=device, state=state,
-                              run_uri=config["run_uri"], fault=config.get("fault", ""))
+                              run_uri=config["run_uri"], fault=config.get("fault", ""), space=config.get("space"))
     epochs = cfg.supernet.epochs
     emit({"kind": "start", "start_epoch": trainer.next_epoch, "epochs": epochs, "world_size": world,
           "lr": trainer.base_lr, "steps_per_epoch": trainer.steps_per_epoch, "resumed": state is not None,
@@ -692,6 +714,9 @@ def train_supernet(cfg: Config, run: RunDir, progress: Progress = print) -> dict
             f"(supernet.batch_size={sc.batch_size} x supernet.num_workers={sc.num_workers}); "
             f"lower the batch size or use more data (data.fraction)")
     _check_run_meta(run, space, cfg)  # before Ray starts: a wrong run dir fails in a second
+    # The search budget depends on the space alone: an impossible one fails now, not after training.
+    from .search import make_budgets
+    make_budgets(cfg.search, space).check_feasible()
 
     ensure_ray(cfg)
     import ray.train
@@ -713,7 +738,7 @@ def train_supernet(cfg: Config, run: RunDir, progress: Progress = print) -> dict
             _train_loop_per_worker,
             # The fault hook is read here: workers' environment is fixed when Ray starts.
             train_loop_config={"cfg": cfg, "run_uri": run.uri, "events": relay.queue,
-                               "fault": os.environ.get(FAULT_ENV, "")},
+                               "fault": os.environ.get(FAULT_ENV, ""), "space": space, "ops": space_ops(space)},
             scaling_config=scaling, run_config=run_config)
         try:
             result = trainer.fit()

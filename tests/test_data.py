@@ -348,7 +348,8 @@ def no_md5(monkeypatch):
 
 def test_cifar10_loader_on_small_files(tmp_path, no_md5):
     test_raw = write_cifar(tmp_path)
-    s = build_datasets(DataConfig(name="cifar10", root=str(tmp_path), download=False, val_size=10), seed=0)
+    s = build_datasets(DataConfig(name="cifar10", root=str(tmp_path), download=False, val_size=10,
+                                   augment=True), seed=0)
     assert s.info == DatasetInfo("cifar10", 3, 10, 32)
     assert (len(s.train), len(s.val), len(s.test)) == (40, 10, 20)
     assert s.train.crop_padding == 4 and s.train.augment and not s.val.augment

@@ -372,11 +372,6 @@ def _recording_trial(pid_dir: str):
     return trial
 
 
-def _trial_rows(exp: Path, index: int) -> list[dict]:
-    trial_dir = next(exp.glob(f"*_arch_index={index}_*"))
-    return [json.loads(s) for s in (trial_dir / "result.json").read_text().splitlines() if s.strip()]
-
-
 @pytest.mark.slow
 def test_killed_trial_process_resumes_from_its_checkpoint_others_unaffected(tmp_path, ray_local, monkeypatch):
     import ray.cloudpickle
@@ -403,11 +398,19 @@ def test_killed_trial_process_resumes_from_its_checkpoint_others_unaffected(tmp_
 
     killed: dict = {}
     lines: list[str] = []
+    reported: dict[int, list[dict]] = {0: [], 1: []}
 
     class KillAfterCheckpoint(retrain_mod._ProgressCallback):
         """Tune registers a function trainable's checkpoint in a second round trip to the
         trial's process (a "save" after the result): kill only once that is done, i.e.
         once trial 1's epoch-1 checkpoint is one a retry can resume from."""
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            # What the driver received, in order. (Tune's own result.json is not the record:
+            # on a retry Tune copies the synced copy over its local file, which can drop
+            # the last row before the kill if the sync had not run yet.)
+            reported[trial.config["arch_index"]].append(result)
+            super().on_trial_result(iteration, trials, trial, result, **info)
 
         def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
             if not killed and trial.config.get("arch_index") == 0 and (trial.last_result or {}).get("epoch") == 1:
@@ -422,8 +425,7 @@ def test_killed_trial_process_resumes_from_its_checkpoint_others_unaffected(tmp_
     assert any("trial 1/2" in ln and "retrying from its last checkpoint" in ln for ln in lines)
     assert int((pid_dir / "0").read_text()) != killed["pid"]  # it really ran again, in a new process
 
-    exp = Path(cfg.run_dir) / retrain_mod.EXPERIMENT
-    hit, other = _trial_rows(exp, 0), _trial_rows(exp, 1)
+    hit, other = reported[0], reported[1]
     # The killed trial: every epoch reported once; after the kill it resumed from its
     # checkpoint (start_epoch > 0) instead of starting over at epoch 1.
     assert [r["epoch"] for r in hit] == list(range(1, epochs + 1)), hit
@@ -435,6 +437,10 @@ def test_killed_trial_process_resumes_from_its_checkpoint_others_unaffected(tmp_
     assert all(r["start_epoch"] == 0 for r in other)
     trials = run.read_parquet(retrain_mod.TRIALS)
     assert trials["epochs_run"].tolist() == [epochs, epochs] and result["trials"] == 2
+    # The stored curves (the report's source) have every epoch once, the killed trial's too.
+    hist = run.read_parquet(retrain_mod.HISTORY)
+    for i in (0, 1):
+        assert hist[hist["trial"] == i]["epoch"].tolist() == list(range(1, epochs + 1))
 
 
 # =============================================================================
@@ -556,11 +562,14 @@ def test_architecture_of_wrong_length_or_other_space_at_cli(tmp_path, ray_local,
     _fails(run_dir, [*_sets(SMALL), "--stages", "retrain"], message, capsys)
 
 
-def test_infeasible_budget_at_cli(tmp_path, ray_local, capsys):
+@pytest.mark.parametrize("stages", ["search", "supernet,search"])
+def test_infeasible_budget_at_cli(tmp_path, ray_local, capsys, stages):
+    """Refused before the supernet trains, too: the budget depends on the space alone."""
     sets = [s for s in SMALL if not s.startswith("search.max_flops")] + ["search.max_flops=1000"]
-    run_dir = _make_run(tmp_path, sets, supernet=True)
-    _fails(run_dir, [*_sets(sets), "--stages", "search"],
+    run_dir = _make_run(tmp_path, sets, supernet=stages == "search")
+    _fails(run_dir, [*_sets(sets), "--stages", stages],
            "search.max_flops=1K is below the cheapest architecture in mobilenet_small", capsys)
+    assert not (run_dir / "supernet_train").exists()
 
 
 def test_missing_dataset_at_cli(tmp_path, ray_local, capsys):

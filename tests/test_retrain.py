@@ -24,7 +24,7 @@ from torch import nn
 
 from pipeline.common import PipelineError
 from pipeline.config import Config, DataConfig, RayConfig, RetrainConfig, SpaceConfig
-from pipeline.retrain import EXPERIMENT, RESULT, TOPN, TRIALS, run_retrain
+from pipeline.retrain import EXPERIMENT, HISTORY, RESULT, TOPN, TRIALS, run_retrain
 from pipeline.storage import RunDir
 from search_spaces import OPS, get_space, register_op
 from search_spaces.ops import conv_bn
@@ -150,10 +150,12 @@ def test_asha_stops_the_architecture_that_cannot_learn(tmp_path, ray_local, dead
     assert dead["stopped_early"] and dead["epochs_run"] == 1 < cfg.retrain.epochs
     assert dead["final_val_acc"] < 0.4  # chance is 0.25; a constant predictor scores one class's share
     assert any("trial 3/3 [2, 0] stopped early by ASHA after 1/3 epochs" in s for s in lines)
-    # Every trial reported every epoch it ran, one line each.
+    # Every trial reported every epoch it ran, one line each, and stored its curve.
     seen = epoch_lines(lines)
+    hist = run.read_parquet(HISTORY)
     for i, row in trials.iterrows():
         assert [e for t, e in seen if t == i + 1] == list(range(1, row["epochs_run"] + 1))
+        assert hist[hist["trial"] == i]["epoch"].tolist() == list(range(1, row["epochs_run"] + 1))
 
     win = trials[trials["winner"]]
     assert len(win) == 1
@@ -341,3 +343,19 @@ def test_export_falls_back_to_torchscript_and_checks_the_space(tmp_path, monkeyp
     Path(run.path("model", "arch.json")).write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="fingerprint"):
         export.load(run.path("model"))
+
+
+def test_retrain_lr_anneals_per_batch_to_zero():
+    """A 3-epoch schedule still ends at lr 0: the cosine steps per batch, not per epoch."""
+    from pipeline.retrain import cosine_schedule
+
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    sched = cosine_schedule(opt, 12)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.1 and all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert abs(lrs[6] - 0.05) < 1e-12  # half-way: half the lr
+    assert opt.param_groups[0]["lr"] == 0.0

@@ -85,3 +85,19 @@ def test_second_run_on_same_dir_refused_at_once(existing_run):
         assert holder.poll() is None  # the first run is undisturbed
     finally:
         holder.kill()
+
+
+def test_stage_code_imports_without_ray():
+    """The trainer, the indicators and the trial's train/evaluate loop have no Ray in them:
+    bench/ drives them on machines with only torch (bench/run_gpu.sh on a GPU box)."""
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "import pipeline.train_supernet, pipeline.search, pipeline.retrain\n"
+            "from pipeline.retrain import _train_epoch, evaluate\n"
+            "from pipeline.search import AccIndicator, BNIndicator\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    # ...while Ray itself is still what runs them in the pipeline
+    done = subprocess.run([sys.executable, "-c", "import sys; sys.modules['ray'] = None\n"
+                           "from pipeline.search import ScorerPool, BNIndicator\n"
+                           "ScorerPool(BNIndicator, {}, num_actors=1)"], capture_output=True, text=True)
+    assert done.returncode != 0 and "ModuleNotFoundError" in done.stderr

@@ -86,6 +86,16 @@ def test_round_trips(run):
     assert run.listdir("missing") == []
 
 
+def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    """Reports and results are for people: readable as any file this process creates."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    RunDir(str(tmp_path)).write_text("report/summary.md", "x")
+    assert os.stat(tmp_path / "report" / "summary.md").st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_overwrite_replaces_content(run):
     run.write_json("a.json", {"v": 1})
     run.write_json("a.json", {"v": 2})

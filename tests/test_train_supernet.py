@@ -197,6 +197,53 @@ def test_worker_failure_is_restarted(reference, tmp_path, monkeypatch):
     np.testing.assert_allclose(load_supernet(run)["indicator"], ref["indicator"], atol=1e-5, equal_nan=True)
 
 
+class ScaledConvBN(torch.nn.Module):
+    """A user's op: conv + affine BN, defined in this test module only."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+                                        torch.nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.fixture
+def user_space():
+    """An op and a space registered in the driver only, as a user's script does: the
+    Ray Train workers cannot import this module, so it travels pickled by value."""
+    import sys
+
+    import ray.cloudpickle
+
+    from search_spaces import OPS, Head, SearchSpace, Stage, StemLayer, register_op, register_space
+    from search_spaces.space import _SPACES
+
+    module = sys.modules[__name__]
+    ray.cloudpickle.register_pickle_by_value(module)
+    register_op("test_user_conv", ScaledConvBN)
+
+    def test_user_space() -> SearchSpace:
+        return SearchSpace(name="test_user_space", input_size=16, stem=(StemLayer("conv", out=8),),
+                           stages=(Stage(16, 2, 2, ("test_user_conv", "mbconv_k3_e3")),), head=Head(channels=32))
+
+    register_space(test_user_space)
+    yield "test_user_space"
+    OPS.pop("test_user_conv", None)
+    _SPACES.pop("test_user_space", None)
+    ray.cloudpickle.unregister_pickle_by_value(module)
+
+
+def test_space_and_ops_registered_in_the_driver_reach_the_workers(ray_local, tmp_path, user_space):
+    cfg = tiny_cfg(tmp_path, epochs=1, num_workers=1)
+    cfg.space.name = user_space
+    result, _ = fit(cfg)
+    ckpt = load_supernet(RunDir(cfg.run_dir))
+    assert result["epochs_run"] == 1 and ckpt["space"]["name"] == user_space
+    assert ckpt["indicator"].shape == (2, 2) and np.isfinite(ckpt["indicator"]).all()
+
+
 def test_impossible_resources_fail_fast(ray_local, tmp_path):
     with pytest.raises(PipelineError, match="GPU.*use_gpu=false"):
         fit(tiny_cfg(tmp_path / "gpu", use_gpu=True, num_workers=1))
@@ -303,10 +350,12 @@ def test_in_process_resume_is_bit_exact():
     state = first.state_dict()
     resumed = SupernetTrainer(cfg, first.splits, state=state)
     assert resumed.next_epoch == 1
-    resumed.train_epoch(1)
-    resumed.train_epoch(2)
+    for e in (1, 2):  # both go on, interleaved: the state is a copy, so they share no momentum buffer
+        first.train_epoch(e)
+        resumed.train_epoch(e)
     for name, value in straight.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
+        assert torch.equal(value, first.model.state_dict()[name]), name
     assert [r["epoch"] for r in resumed.history] == [0, 1, 2]
 
 
