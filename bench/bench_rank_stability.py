@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine, write_table  # noqa: E402
+from bench.common import RESULTS, default_device, machine, write_table  # noqa: E402
 from pipeline.config import Config, DataConfig, SupernetConfig  # noqa: E402
 from pipeline.data import Splits, build_datasets  # noqa: E402
 from pipeline.train_supernet import SupernetTrainer, rank_distance  # noqa: E402
@@ -62,11 +62,11 @@ def supernet_config(mode: str, epochs: int, *, fraction: float, batch_size: int 
     return Config(seed=seed, data=DataConfig(name=data, fraction=fraction), supernet=sc)
 
 
-def train_supernet_inprocess(cfg: Config, splits: Splits, *, constant_lr: bool = False,
+def train_supernet_inprocess(cfg: Config, splits: Splits, *, constant_lr: bool = False, device: str = "cpu",
                              progress: Callable[[str], None] = print) -> SupernetTrainer:
     """Train one supernet with the pipeline's single-rank trainer; returns the trainer
     (``.model``, ``.indicator_history`` one table per epoch, ``.history`` one row per epoch)."""
-    trainer = SupernetTrainer(cfg, splits, rank=0, world_size=1, device="cpu")
+    trainer = SupernetTrainer(cfg, splits, rank=0, world_size=1, device=device)
     if constant_lr:  # replace the linear decay by a constant lr (the optimizer's base lr)
         trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda t: 1.0)
     sc = cfg.supernet
@@ -105,6 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--patience", type=int, default=2, help="epochs the distance must stay <= tol")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=default_device(), help="cuda when there is a GPU (bf16 autocast), else cpu")
     args = ap.parse_args(argv)
     epochs = args.epochs or (40 if args.full else 8)
     fraction = args.fraction or (1.0 if args.full else 0.03)
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
         cfg = supernet_config(mode, epochs, fraction=fraction, batch_size=args.batch_size, seed=args.seed,
                               lr=args.lr, schedule=args.schedule)
         t0 = time.perf_counter()
-        tr = train_supernet_inprocess(cfg, splits, constant_lr=args.schedule == "constant")
+        tr = train_supernet_inprocess(cfg, splits, constant_lr=args.schedule == "constant", device=args.device)
         wall = time.perf_counter() - t0
         hist = tr.indicator_history
         tables[mode] = hist
@@ -170,14 +171,15 @@ def main(argv=None) -> int:
                      f"{args.batch_size} per epoch: a whole run is {epochs * int(base.iloc[0]['steps_per_epoch'])} steps per mode, a "
                      "fraction of one ImageNet epoch. Read the trend, not the epoch numbers.")
     notes = (f"Setup: mobilenet_small on Fashion-MNIST (fraction {fraction:g}), seed {args.seed}, batch "
-             f"{args.batch_size}, supernet.lr {args.lr if args.lr is not None else 0.25} (per batch of 512, scaled linearly), lr schedule {args.schedule}, one rank in-process. d_prev / d_final: normalised L1 "
+             f"{args.batch_size}, supernet.lr {args.lr if args.lr is not None else 0.25} (per batch of 512, scaled linearly), lr schedule {args.schedule}, one rank in-process on {args.device}. d_prev / d_final: normalised L1 "
              f"distance of the per-layer op ranking (by BN indicator) to the previous / the final epoch.\n\n"
              + "\n".join(lines))
-    per_epoch.to_csv(Path(__file__).resolve().parent / "results" / "rank_stability_per_epoch.csv", index=False)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    per_epoch.to_csv(RESULTS / "rank_stability_per_epoch.csv", index=False)
     summ_out = summ.copy()
     for c in ("settle_epoch_prev", "settle_epoch_final"):
         summ_out[c] = [fmt_settle(v) for v in summ_out[c]]
-    summ_out.to_csv(Path(__file__).resolve().parent / "results" / "rank_stability_summary.csv", index=False)
+    summ_out.to_csv(RESULTS / "rank_stability_summary.csv", index=False)
     md = summ_out.round(3).to_markdown(index=False)
     write_table("rank_stability", wide.round(3), notes + "\n\nSummary:\n\n" + md)
     return 0

@@ -39,11 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_rank_stability import supernet_config, train_supernet_inprocess  # noqa: E402
 from bench.bench_search import random_archs  # noqa: E402
-from bench.common import RESULTS, machine, write_table  # noqa: E402
+from bench.common import RESULTS, default_device, machine, write_table  # noqa: E402
 from pipeline.common import resolve_space  # noqa: E402
 from pipeline.config import Config, DataConfig, RetrainConfig, SearchConfig  # noqa: E402
 from pipeline.data import build_datasets, make_loader  # noqa: E402
-from pipeline.retrain import _epoch_seed, _optimizer, _train_epoch, evaluate  # noqa: E402
+from pipeline.retrain import _epoch_seed, _optimizer, _steps_per_epoch, _train_epoch, cosine_schedule, evaluate  # noqa: E402
 from pipeline.search import AccIndicator  # noqa: E402
 from search_spaces import arch_scores, build_subnet, cost_tables  # noqa: E402
 
@@ -85,21 +85,21 @@ def stratified_by_flops(space, m: int, seed: int, pool: int = 20000) -> tuple[np
     return cands[picked], flops[picked]
 
 
-def train_standalone(space, arch, splits, cfg: Config, epochs: int) -> dict:
+def train_standalone(space, arch, splits, cfg: Config, epochs: int, device: str = "cpu") -> dict:
     """One architecture from scratch with the pipeline's retraining recipe; test accuracy."""
     r = cfg.retrain
-    device = torch.device("cpu")
+    device = torch.device(device)
     torch.manual_seed(cfg.seed)
-    model = build_subnet(space, tuple(int(a) for a in arch)).to(memory_format=torch.channels_last)
+    model = build_subnet(space, tuple(int(a) for a in arch)).to(device, memory_format=torch.channels_last)
     optimizer = _optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    drop_last = len(splits.train) > r.batch_size
+    scheduler = cosine_schedule(optimizer, epochs * _steps_per_epoch(len(splits.train), r.batch_size, drop_last))
     criterion = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
     t0 = time.perf_counter()
     for epoch in range(epochs):
         torch.manual_seed(_epoch_seed(cfg.seed, 0, epoch))
-        loader = make_loader(splits.train, r.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, drop_last=True)
-        _train_epoch(model, loader, optimizer, criterion, device)
-        scheduler.step()
+        loader = make_loader(splits.train, r.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, drop_last=drop_last)
+        _train_epoch(model, loader, optimizer, criterion, device, scheduler)
     train_s = time.perf_counter() - t0
     test_acc, _ = evaluate(model, make_loader(splits.test, r.batch_size, shuffle=False), device)
     val_acc, _ = evaluate(model, make_loader(splits.val, r.batch_size, shuffle=False), device)
@@ -118,6 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--val-batches", type=int, help="acc indicator validation batches (quick 2, full 10)")
     ap.add_argument("--lr", type=float, help="supernet.lr for a batch of 512 (full: the pipeline's 0.25; quick: 1.0)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=default_device(), help="cuda when there is a GPU (bf16 autocast), else cpu")
     args = ap.parse_args(argv)
     full = args.full
     m = args.m or (30 if full else 6)
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
           f"(FLOPs {flops.min() / 1e6:.2f}M .. {flops.max() / 1e6:.2f}M)", flush=True)
     truth = []
     for i, a in enumerate(archs):
-        res = train_standalone(space, a, splits, cfg, train_epochs)
+        res = train_standalone(space, a, splits, cfg, train_epochs, args.device)
         truth.append(res)
         print(f"  arch {i + 1}/{len(archs)} {flops[i] / 1e6:5.2f}M  test acc {100 * res['test_acc']:.2f}%  "
               f"({res['train_s']:.1f} s)", flush=True)
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
         scfg = supernet_config(mode, e, fraction=fraction, seed=args.seed, lr=lr)
         scfg.search = cfg.search
         t0 = time.perf_counter()
-        tr = train_supernet_inprocess(scfg, splits)
+        tr = train_supernet_inprocess(scfg, splits, device=args.device)
         supernet_s = time.perf_counter() - t0
         table = tr.indicator_history[-1]
         t0 = time.perf_counter()
@@ -175,7 +176,8 @@ def main(argv=None) -> int:
         bn_s = time.perf_counter() - t0
         ckpt = {"model": {k: v.detach().contiguous() for k, v in tr.model.state_dict().items()}}
         t0 = time.perf_counter()
-        acc = AccIndicator(AccIndicator.prepare(cfg=scfg, space=space, checkpoint=ckpt, splits=splits)).score(archs)
+        acc = AccIndicator(AccIndicator.prepare(cfg=scfg, space=space, checkpoint=ckpt, splits=splits),
+                           args.device).score(archs)
         acc_s = time.perf_counter() - t0
         df[f"bn[{mode}]"], df[f"acc[{mode}]"] = bn, acc
         for name, s, secs in (("bn", bn, bn_s), ("acc", acc, acc_s)):
@@ -185,6 +187,7 @@ def main(argv=None) -> int:
         print(f"  {mode}: tau(bn) {taus[-2]['tau_test']:+.3f}  tau(acc) {taus[-1]['tau_test']:+.3f}", flush=True)
 
     tau_df = pd.DataFrame(taus)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     df.to_csv(RESULTS / "ranking_archs.csv", index=False)
     sd = tau_null_sd(len(archs))
     t = tau_df.set_index(["indicator", "supernet"])["tau_test"]
@@ -193,7 +196,7 @@ def main(argv=None) -> int:
         f"equal-width FLOPs bins), each trained standalone {train_epochs} epochs on {len(splits.train)} Fashion-MNIST "
         f"images (fraction {fraction:g}); ground truth = accuracy on {len(splits.test)} test images (tau_test) and "
         f"{len(splits.val)} validation images (tau_val). Supernets: {epochs} epochs (bn_last, bn_all), "
-        f"{all_epochs} (all), supernet.lr {lr or 0.25} per batch of 512, one rank in-process. acc indicator: {calib} calibration + {val_batches} validation "
+        f"{all_epochs} (all), supernet.lr {lr or 0.25} per batch of 512, one rank in-process on {args.device}. acc indicator: {calib} calibration + {val_batches} validation "
         f"batches of 128.",
         "",
         f"- BN-NAS (bn indicator, bn_last supernet): tau {t[('bn', 'bn_last')]:+.3f}; bn_all: "

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pandas as pd
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# BNNAS_BENCH_RESULTS: write elsewhere (e.g. a GPU machine's output folder) without
+# overwriting the tables measured here.
+RESULTS = Path(os.environ.get("BNNAS_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def machine() -> str:
