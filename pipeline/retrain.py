@@ -51,6 +51,7 @@ from .common import PipelineError, Progress, ensure_ray, register_ops, resolve_s
 from .config import Config, diff_configs
 from .data import build_datasets, make_loader
 from .storage import RunDir, StorageError
+from .train_supernet import lr_factor
 
 TOPN = "search/topn.parquet"
 EXPERIMENT = "retrain_tune"  # Tune's experiment folder inside the run dir
@@ -91,10 +92,10 @@ def run_retrain(cfg: Config, run: RunDir, progress: Progress = print) -> dict:
 
     rows = _trial_rows(results, candidates, r.epochs)
     winner = _pick_winner(rows, r.epochs)
-    _write_history(run, rows)
+    state = _load_checkpoint_state(winner["_checkpoint"])
+    _write_history(run, rows, loaded={winner["trial"]: state})
 
     # The test set is touched exactly here, once, for the one chosen network.
-    state = _load_checkpoint_state(winner.pop("_checkpoint"))
     test = _evaluate_test_remote(cfg, space, winner["arch"], state["model"])
     winner["test_acc"] = test["test_acc"]
     for row in rows:
@@ -390,8 +391,6 @@ def _steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Cosine from the optimizer's lr to 0 over ``total_steps`` (the supernet's lr_factor)."""
-    from .train_supernet import lr_factor
-
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: lr_factor(t, total_steps, 0, "cosine"))
 
 
@@ -522,13 +521,14 @@ def test_accuracy(cfg: Config, space: SearchSpace, arch: Sequence[int], state: d
 test_accuracy.__test__ = False  # not a pytest test, despite the name
 
 
-def _write_history(run: RunDir, rows: list[dict]) -> None:
-    """Every trial's per-epoch metrics, as its last checkpoint recorded them."""
+def _write_history(run: RunDir, rows: list[dict], loaded: dict) -> None:
+    """Every trial's per-epoch metrics, as its last checkpoint recorded them
+    (``loaded``: states already read, by trial, so none is read twice)."""
     import pandas as pd
 
     hist = [{"trial": row["trial"], "arch": str(row["arch"]), **h}
             for row in rows if row.get("_checkpoint") is not None
-            for h in _load_checkpoint_state(row["_checkpoint"]).get("history", [])]
+            for h in (loaded.get(row["trial"]) or _load_checkpoint_state(row["_checkpoint"])).get("history", [])]
     run.write_parquet(HISTORY, pd.DataFrame(hist))
 
 
