@@ -17,7 +17,7 @@ SPOS / BN-NAS, and the test accuracy of each pick. The paper (ImageNet, MobileNe
 space): about 14x less compute (0.8 against 11 GPU-days) at equal accuracy.
 
     .venv/bin/python bench/bench_end_to_end.py          # quick: a few min on 2 cores, heavily shrunk
-    .venv/bin/python bench/bench_end_to_end.py --full   # full data, E=20, the paper's search settings
+    .venv/bin/python bench/bench_end_to_end.py --full   # full data, E=20, the paper's search settings (~2 h on 2 cores)
 
 Writes bench/results/end_to_end.{md,csv}. Run directories go to a temporary folder
 (``--run-root`` to keep them).

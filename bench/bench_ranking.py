@@ -17,7 +17,7 @@ FLOPs rewards any indicator that merely tracks size. The paper (Fig. 9): the BN
 indicator of a BN-only supernet ranks about as well as SPOS's accuracy indicator.
 
     .venv/bin/python bench/bench_ranking.py          # quick: M=6, a few min on 2 cores, taus are noisy
-    .venv/bin/python bench/bench_ranking.py --full   # M=30, full data, longer training (an hour or more on CPU)
+    .venv/bin/python bench/bench_ranking.py --full   # M=30, full data, longer training (~9 h on 2 cores, ~20 min on one H200)
 
 Writes bench/results/ranking.{md,csv} (taus) and ranking_archs.csv (per architecture).
 """
