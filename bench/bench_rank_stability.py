@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, default_device, machine, write_table  # noqa: E402
 from pipeline.config import Config, DataConfig, SupernetConfig  # noqa: E402
 from pipeline.data import Splits, build_datasets  # noqa: E402
-from pipeline.train_supernet import SupernetTrainer, rank_distance  # noqa: E402
+from pipeline.ranking import rank_distance  # noqa: E402
+from pipeline.train_supernet import SupernetTrainer  # noqa: E402
 
 MODES = ("bn_last", "bn_all", "all")
 

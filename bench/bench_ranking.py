@@ -43,21 +43,14 @@ from bench.common import RESULTS, default_device, machine, write_table  # noqa: 
 from pipeline.common import resolve_space  # noqa: E402
 from pipeline.config import Config, DataConfig, RetrainConfig, SearchConfig  # noqa: E402
 from pipeline.data import build_datasets, make_loader  # noqa: E402
-from pipeline.retrain import _epoch_seed, _optimizer, _steps_per_epoch, _train_epoch, cosine_schedule, evaluate  # noqa: E402
+from pipeline.ranking import kendall_tau_b  # noqa: E402
+from pipeline.retrain import _optimizer, _steps_per_epoch, _train_epoch, evaluate  # noqa: E402
+from pipeline.schedules import cosine_schedule  # noqa: E402
 from pipeline.search import AccIndicator  # noqa: E402
+from pipeline.seeding import derive_seed  # noqa: E402
 from search_spaces import arch_scores, build_subnet, cost_tables  # noqa: E402
 
 MODES = ("bn_last", "bn_all", "all")
-
-
-def kendall_tau_b(x, y) -> float:
-    """Kendall's tau-b (ties in either variable corrected), O(n^2) with numpy."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    i, j = np.triu_indices(len(x), 1)
-    dx, dy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
-    n0 = len(i)
-    denom = math.sqrt((n0 - int((dx == 0).sum())) * (n0 - int((dy == 0).sum())))
-    return float((dx * dy).sum() / denom) if denom > 0 else float("nan")
 
 
 def tau_null_sd(n: int) -> float:
@@ -89,7 +82,7 @@ def train_standalone(space, arch, splits, cfg: Config, epochs: int, device: str 
     """One architecture from scratch with the pipeline's retraining recipe; test accuracy."""
     r = cfg.retrain
     device = torch.device(device)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(derive_seed(cfg.seed, "init", 0))  # as retrain_trial seeds trial 0
     model = build_subnet(space, tuple(int(a) for a in arch)).to(device, memory_format=torch.channels_last)
     optimizer = _optimizer(model, cfg)
     drop_last = len(splits.train) > r.batch_size
@@ -97,7 +90,7 @@ def train_standalone(space, arch, splits, cfg: Config, epochs: int, device: str 
     criterion = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
     t0 = time.perf_counter()
     for epoch in range(epochs):
-        torch.manual_seed(_epoch_seed(cfg.seed, 0, epoch))
+        torch.manual_seed(derive_seed(cfg.seed, "augment", 0, epoch))
         loader = make_loader(splits.train, r.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, drop_last=drop_last)
         _train_epoch(model, loader, optimizer, criterion, device, scheduler)
     train_s = time.perf_counter() - t0

@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.common import resolve_space  # noqa: E402
 from pipeline.config import Config, DataConfig, SearchConfig, SupernetConfig  # noqa: E402
 from pipeline.data import build_datasets  # noqa: E402
-from pipeline.search import (AccIndicator, BNIndicator, ScorerPool, allowed_mask, evolve,  # noqa: E402
-                             exact_search, make_budgets)
+from pipeline.budgets import allowed_mask, make_budgets  # noqa: E402
+from pipeline.search import AccIndicator, BNIndicator, ScorerPool, evolve, exact_search  # noqa: E402
 from search_spaces import Supernet, arch_scores, bn_indicator, get_space  # noqa: E402
 
 BUDGETS = {  # paper budget first, then tighter ones

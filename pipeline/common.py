@@ -1,17 +1,16 @@
-"""Small pieces every stage shares: Ray start-up, the space for a dataset, seeding."""
+"""Small pieces every stage shares: Ray start-up and resource checks, the space for a
+dataset, reading another stage's output."""
 
 from __future__ import annotations
 
 import os
-import random
-from typing import Callable
-
-import numpy as np
-import torch
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
 
 from search_spaces import OPS, SearchSpace, get_space, register_op
 
 from .config import Config
+from .storage import RunDir, StorageError
 
 Progress = Callable[[str], None]
 
@@ -20,10 +19,23 @@ class PipelineError(RuntimeError):
     """A user-facing failure: one line naming the problem and what to do."""
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def read_stage_output(run: RunDir, rel: str, missing: str = "") -> Any:
+    """A file a stage wrote, read by its kind (.json, .parquet, else torch.save).
+
+    A missing file raises PipelineError(``missing``), which should say which stage to
+    run first; a damaged one raises PipelineError with the storage layer's text (it
+    names the file and says to delete it so that its stage runs again).
+    """
+    if not run.exists(rel):
+        raise PipelineError(missing or f"{run.uri.rstrip('/')}/{rel} not found")
+    try:
+        if rel.endswith(".json"):
+            return run.read_json(rel)
+        if rel.endswith(".parquet"):
+            return run.read_parquet(rel)
+        return run.read_torch(rel)
+    except StorageError as e:
+        raise PipelineError(str(e)) from None
 
 
 def resolve_space(cfg: Config, in_channels: int, num_classes: int, image_size: int) -> SearchSpace:
@@ -73,6 +85,55 @@ def ensure_ray(cfg: Config) -> None:
         # address="local": always a fresh in-process instance; a bare ray.init() would
         # join whatever cluster /tmp/ray/ray_current_cluster names, even a dead one.
         ray.init(address="local", num_cpus=cfg.ray.num_cpus or None, log_to_driver=True)
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """The resources a request can never get, each with what the cluster has of it."""
+
+    need: dict[str, float]  # every unit together
+    cluster: dict[str, float]  # the cluster's total
+    largest_node: dict[str, float]  # the most any one alive node has
+
+
+def resource_shortfall(per_unit: Mapping[str, float], units: int = 1) -> Optional[Shortfall]:
+    """What ``units`` units running at once (Ray Train workers, or one Tune trial), each
+    asking ``per_unit`` on a single node, can never get from the running cluster.
+
+    Short is a resource of which one unit needs more than the largest node has, or all
+    units together more than the whole cluster. None when everything fits, and under an
+    autoscaler, which may still add nodes (Ray Train checks its limits itself there).
+    Without this check Ray waits for the resources forever: Train retries its placement
+    group endlessly, Tune keeps the trial pending.
+    """
+    import ray
+
+    if _autoscaled():
+        return None
+    total = ray.cluster_resources()
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    largest = {k: max((n.get(k, 0.0) for n in nodes), default=0.0) for k in per_unit}
+    short = [k for k, v in per_unit.items() if v > 0 and (v > largest[k] or v * units > total.get(k, 0.0))]
+    if not short:
+        return None
+    return Shortfall(need={k: per_unit[k] * units for k in short}, cluster={k: total.get(k, 0.0) for k in short},
+                     largest_node={k: largest[k] for k in short})
+
+
+def _autoscaled() -> bool:
+    """Whether an autoscaler may add nodes to the cluster Ray is connected to."""
+    # No public Ray API answers this: ray.cluster_resources() and ray.nodes() describe only
+    # the nodes that are up, and ray.autoscaler.sdk can request resources but not say
+    # whether anyone will provide them. Ray Train V2 asks this same private call for its
+    # own check (WorkerGroup._check_cluster_resources_and_raise_if_insufficient); any
+    # failure (another Ray release) counts as "no autoscaler", the safe answer for a
+    # fixed cluster.
+    try:
+        from ray._private.state import state
+
+        return bool(state.get_max_resources_from_cluster_config())
+    except Exception:
+        return False
 
 
 def _probe(address: str, error: Exception) -> None:

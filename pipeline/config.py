@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from search_spaces.yaml_file import load_yaml_mapping
+
 
 class ConfigError(ValueError):
     """A configuration problem, phrased as one line for the user."""
@@ -209,17 +211,9 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
     """Load YAML (or the defaults), apply ``key=value`` overrides, validate."""
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist; pass an existing YAML file to --config")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config file {p} is not valid YAML{where}; fix the syntax") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of sections, not {type(data).__name__}")
+        data = load_yaml_mapping(path, what="config file", error=ConfigError,
+                                 holds="sections such as data, supernet, search",
+                                 if_missing="pass an existing YAML file to --config", empty_ok=True)
     for item in overrides:
         keys, value = _parse_override(item)
         node = data

@@ -24,9 +24,7 @@ time: per-sample torchvision transforms cost ~160 us per image on a 2-core lapto
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-import hashlib
 import logging
 import math
 import os
@@ -35,13 +33,15 @@ import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.config import DataConfig
+from pipeline.seeding import torch_generator
+from pipeline.util import flock, one_line
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +68,6 @@ class Splits:
     val: Dataset
     test: Dataset
     info: DatasetInfo
-
-
-# ----------------------------------------------------------------------------- seeding
-
-def _generator(seed: int, *purpose: object) -> torch.Generator:
-    """A torch.Generator with its own stream per purpose.
-
-    Separate streams keep choices independent: changing ``fraction`` must not move the
-    validation split, and seed 1 / epoch 0 must not replay seed 0 / epoch 1 (as
-    ``seed + epoch`` would).
-    """
-    digest = hashlib.sha256(repr((int(seed),) + purpose).encode()).digest()
-    g = torch.Generator()
-    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    return g
 
 
 # ----------------------------------------------------------------------------- in-memory images
@@ -186,29 +171,6 @@ def _resized(images: torch.Tensor, size: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- files
 
-def _one_line(e: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Serialise downloads of several Ray workers on one machine (flock; no-op elsewhere)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock; torchvision then downloads more than once
-        fcntl = None
-    with open(lock_path, "a") as f:
-        if fcntl is not None:
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _gunzip_atomic(src: Path, dst: Path) -> None:
     """Decompress src to dst so that readers only ever see a complete file.
 
@@ -259,7 +221,7 @@ def ensure_fashion_mnist(root: Path, download: bool) -> Path:
                     _gunzip_atomic(debian / f"{f}.gz", raw / f)
         except (OSError, EOFError, zlib.error) as e:  # incl. gzip.BadGzipFile
             raise DataError(
-                f"could not unpack Fashion-MNIST from {debian} into {raw}: {_one_line(e)}; "
+                f"could not unpack Fashion-MNIST from {debian} into {raw}: {one_line(e, 160)}; "
                 f"make {root} writable (or set data.root) and check the package's files"
             ) from None
         log.info("Fashion-MNIST unpacked from %s into %s", debian, raw)
@@ -271,10 +233,10 @@ def ensure_fashion_mnist(root: Path, download: bool) -> Path:
         try:
             from torchvision.datasets import FashionMNIST
 
-            with _exclusive(root / ".fashion_mnist.lock"):
+            with flock(root / ".fashion_mnist.lock"):
                 FashionMNIST(str(root), train=True, download=True)
         except Exception as e:  # offline: URLError, socket errors, torchvision's RuntimeError
-            why = f"download failed ({_one_line(e)})"
+            why = f"download failed ({one_line(e, 160)})"
         else:
             if all((raw / f).is_file() for f in _FASHION_MNIST_FILES):
                 return raw
@@ -295,7 +257,7 @@ def _fashion_mnist(cfg: DataConfig, seed: int):
         train = FashionMNIST(str(root), train=True, download=False)
         test = FashionMNIST(str(root), train=False, download=False)
     except Exception as e:
-        raise DataError(f"Fashion-MNIST files under {raw} are unreadable ({_one_line(e)}); delete {raw} and rerun") from None
+        raise DataError(f"Fashion-MNIST files under {raw} are unreadable ({one_line(e, 160)}); delete {raw} and rerun") from None
     size = cfg.image_size or 28
     common = dict(mean=_FASHION_MNIST_MEAN, std=_FASHION_MNIST_STD, crop_padding=2, flip=True)
     source = InMemoryImages(_resized(train.data.unsqueeze(1), size), train.targets, **common)
@@ -322,17 +284,17 @@ def _cifar10(cfg: DataConfig, seed: int):
     except Exception as first:  # torchvision says "not found or corrupted" for both
         if not cfg.download:
             raise DataError(
-                f"CIFAR-10 not found under {folder} ({_one_line(first, 80)}) and download is off "
+                f"CIFAR-10 not found under {folder} ({one_line(first, 80)}) and download is off "
                 f"(data.download=false); put the extracted cifar-10-python.tar.gz there or run on a "
                 f"machine with internet (data.download=true)"
             ) from None
         try:
-            with _exclusive(root / ".cifar10.lock"):
+            with flock(root / ".cifar10.lock"):
                 CIFAR10(str(root), train=True, download=True)
             train, test = load()
         except Exception as e:
             raise DataError(
-                f"CIFAR-10 not found under {folder} and download failed ({_one_line(e)}); put the "
+                f"CIFAR-10 not found under {folder} and download failed ({one_line(e, 160)}); put the "
                 f"extracted cifar-10-python.tar.gz there or run on a machine with internet "
                 f"(data.download=true)"
             ) from None
@@ -399,7 +361,7 @@ def _imagefolder(cfg: DataConfig, seed: int):
         train = ImageFolder(str(train_dir))
         test = ImageFolder(str(test_dir))
     except (FileNotFoundError, OSError) as e:
-        raise DataError(f"imagefolder at {root}: {_one_line(e)}; each class needs a folder with images") from None
+        raise DataError(f"imagefolder at {root}: {one_line(e, 160)}; each class needs a folder with images") from None
     unknown = sorted(set(test.classes) - set(train.classes))
     if unknown:
         raise DataError(f"imagefolder: classes {unknown[:5]} in {test_dir} are not in {train_dir}; use the same class folders")
@@ -426,14 +388,14 @@ def _synthetic(cfg: DataConfig, seed: int):
     still differ in accuracy.
     """
     k, c, s = cfg.synthetic_classes, cfg.synthetic_channels, cfg.synthetic_size
-    g = _generator(seed, "synthetic", "patterns")
+    g = torch_generator(seed, "synthetic", "patterns")
     coarse = torch.randn(k, c, 4, 4, generator=g)
     patterns = F.interpolate(coarse, size=(s, s), mode="bicubic", align_corners=False)
     patterns = patterns / patterns.std(dim=(1, 2, 3), keepdim=True)
     max_shift = max(1, s // 8)
 
     def make(n: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        g = _generator(seed, "synthetic", split)
+        g = torch_generator(seed, "synthetic", split)
         labels = (torch.arange(n) % k)[torch.randperm(n, generator=g)]
         # A circular shift per sample, as one gather.
         dy = torch.randint(-max_shift, max_shift + 1, (n, 1), generator=g)
@@ -473,7 +435,7 @@ def _fraction_of(indices: torch.Tensor, fraction: float, seed: int, split: str) 
     if fraction >= 1.0:
         return indices
     keep = max(1, round(len(indices) * fraction))
-    pick = torch.randperm(len(indices), generator=_generator(seed, "fraction", split))[:keep]
+    pick = torch.randperm(len(indices), generator=torch_generator(seed, "fraction", split))[:keep]
     return indices[pick.sort().values]
 
 
@@ -490,7 +452,7 @@ def build_datasets(cfg: DataConfig, *, seed: int) -> Splits:
             f"data.val_size={cfg.val_size} leaves no training data: {cfg.name} has {n} training "
             f"samples; set data.val_size below {n} (e.g. --set data.val_size={max(1, n // 10)})"
         )
-    perm = torch.randperm(n, generator=_generator(seed, "val_split"))
+    perm = torch.randperm(n, generator=torch_generator(seed, "val_split"))
     # Sorted so that splits read memory in order; the loader shuffles anyway.
     val_idx = perm[: cfg.val_size].sort().values
     train_idx = perm[cfg.val_size:].sort().values
@@ -528,7 +490,7 @@ class ShardSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
-            order = torch.randperm(self.n, generator=_generator(self.seed, "loader", self.epoch)).tolist()
+            order = torch.randperm(self.n, generator=torch_generator(self.seed, "loader", self.epoch)).tolist()
         else:
             order = list(range(self.n))
         total = self.per_rank * self.world_size
@@ -570,5 +532,5 @@ def make_loader(
         sampler=sampler,
         drop_last=drop_last,
         num_workers=num_workers,
-        generator=_generator(seed, "workers", epoch, rank),
+        generator=torch_generator(seed, "workers", epoch, rank),
     )

@@ -35,6 +35,7 @@ from torch import nn
 from search_spaces import SearchSpace, build_subnet, space_from_dict
 
 from .storage import RunDir
+from .util import one_line
 
 WEIGHTS = "weights.pt"
 ARCH = "arch.json"
@@ -94,7 +95,7 @@ def _write_program(run: RunDir, rel: str, model: nn.Module, space: SearchSpace):
             torch.export.save(program, local)
         return f"{rel}/{PROGRAM}", "torch.export", None
     except Exception as e:  # any op torch.export cannot trace: fall back, say why
-        errors.append(f"torch.export: {type(e).__name__}: {_one_line(e)}")
+        errors.append(f"torch.export: {type(e).__name__}: {one_line(e, 200)}")
     try:
         # TorchScript is deprecated (FutureWarning) but still the one fallback that
         # loads without this package.
@@ -105,13 +106,8 @@ def _write_program(run: RunDir, rel: str, model: nn.Module, space: SearchSpace):
                 torch.jit.save(traced, local)
         return f"{rel}/{SCRIPT}", "torchscript", "; ".join(errors)
     except Exception as e:
-        errors.append(f"torchscript: {type(e).__name__}: {_one_line(e)}")
+        errors.append(f"torchscript: {type(e).__name__}: {one_line(e, 200)}")
     return None, None, "; ".join(errors)
-
-
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ----------------------------------------------------------------------------- loading

@@ -2,9 +2,9 @@
 
 ``write_report(run)`` reads whatever the stages have written and produces
 
-* ``rank_stability.png``   -- paper Fig. 5: normalised L1 distance between the per-layer op
-  rankings of every pair of supernet epochs (plus each epoch's distance to the previous
-  and to the final epoch);
+* ``rank_stability.png``   -- paper Fig. 5: ``pipeline.ranking.rank_distance`` (the number
+  stage 1 prints per epoch) between every pair of supernet epochs (plus each epoch's
+  distance to the previous and to the final epoch);
 * ``indicator_heatmap.png`` -- the final epoch's [layers x choices] BN-indicator table;
 * ``search_scatter.png``    -- every scored architecture's BN score against multiply-adds,
   coloured by where it came from, with the budget, the top-N and the winner marked;
@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import sys
 from typing import Any, Callable
 
@@ -39,6 +38,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from . import ranking  # noqa: E402
 from .storage import RunDir, StorageError  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -94,28 +94,12 @@ def _maybe(run: RunDir, rel: str, kind: str = "parquet") -> Any:
 
 
 def _arch_key(x: Any) -> tuple[int, ...] | None:
-    """An architecture as a tuple of ints, from a list/array, a JSON/printed list, '1-2-3',
-    or an architecture JSON dict; None if it is none of these."""
-    if x is None:
-        return None
-    if isinstance(x, dict):
-        return _arch_key(x.get("arch", x.get("choices")))
-    if isinstance(x, str):
-        s = x.strip()
-        try:
-            return _arch_key(json.loads(s))
-        except (ValueError, TypeError):
-            pass
-        parts = [p for p in re.split(r"[\s,;\-_/()\[\]]+", s) if p]
-        if parts and all(p.isdigit() for p in parts):
-            return tuple(int(p) for p in parts)
+    """An architecture as a tuple of ints, from what the stages write: a list (JSON) or
+    the array Parquet reads a list column back as; None for anything else."""
+    if x is None or isinstance(x, (str, bytes, dict)):
         return None
     try:
-        vals = list(x)
-    except TypeError:
-        return None
-    try:
-        return tuple(int(v) for v in vals)
+        return tuple(int(v) for v in x)
     except (TypeError, ValueError):
         return None
 
@@ -224,8 +208,6 @@ def _lookup_ops(run: RunDir) -> Callable[[Any], str]:
                 table.setdefault(k, o)
 
     def ops(arch: Any) -> str:
-        if isinstance(arch, str) and _arch_key(arch) is None:
-            return arch  # already op names
         return table.get(_arch_key(arch), "")
 
     return ops
@@ -243,30 +225,24 @@ def _ops_text(ops: Any) -> str:
         return str(ops)
 
 
-def _score_of(x: Any) -> float:
-    """A score that may be given bare or as a summary dict ({"arch", "score", ...})."""
-    return _num(x.get("score")) if isinstance(x, dict) else _num(x)
-
-
 def _search_result(run: RunDir) -> dict | None:
-    """search/result.json in one shape, whichever of the two layouts it was written in:
-    flat (best_arch, best_score, flops, params, max_flops, ...) or nested
-    (best: {arch, ops, score, flops, params}, budgets: {max_flops}, exact_best: {...})."""
+    """search/result.json with the fields the report uses lifted to the top: its
+    ``best`` ({arch, ops, score, flops, params}) as best_*, flops and params,
+    ``budgets.max_flops`` as max_flops, and the scores of exact_best / evolution_best."""
     raw = _maybe(run, "search/result.json", "json")
     if not isinstance(raw, dict):
         return None
-    best = raw.get("best") if isinstance(raw.get("best"), dict) else {}
-    budgets = raw.get("budgets") if isinstance(raw.get("budgets"), dict) else {}
+    best = raw.get("best") or {}
     out = dict(raw)
     out.update({
-        "best_arch": raw.get("best_arch", best.get("arch")),
-        "best_ops": _ops_text(raw.get("best_ops", best.get("ops"))),
-        "best_score": _num(raw.get("best_score", best.get("score"))),
-        "flops": _num(raw.get("flops", best.get("flops"))),
-        "params": _num(raw.get("params", best.get("params"))),
-        "max_flops": _num(raw.get("max_flops", budgets.get("max_flops"))),
-        "exact_best": _score_of(raw.get("exact_best")),
-        "evolution_best": _score_of(raw.get("evolution_best")),
+        "best_arch": best.get("arch"),
+        "best_ops": _ops_text(best.get("ops")),
+        "best_score": _num(best.get("score")),
+        "flops": _num(best.get("flops")),
+        "params": _num(best.get("params")),
+        "max_flops": _num((raw.get("budgets") or {}).get("max_flops")),
+        "exact_best": _num((raw.get("exact_best") or {}).get("score")),
+        "evolution_best": _num((raw.get("evolution_best") or {}).get("score")),
         "gap": _num(raw.get("gap")),
     })
     return out
@@ -348,38 +324,11 @@ def _layer_tables(indicators: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.
     return epochs, layers, choices, scores
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks along the last axis, highest value = rank 0; ties share their average rank."""
-    return pd.DataFrame(x.reshape(-1, x.shape[-1])).rank(
-        axis=1, ascending=False, method="average").to_numpy().reshape(x.shape) - 1.0
-
-
 def rank_distance_matrix(indicators: pd.DataFrame) -> np.ndarray:
-    """[epochs x epochs] normalised L1 distance between per-layer op rankings.
-
-    ``indicators`` is the long table (epoch, layer, choice, score); rows are sorted by
-    epoch. In every layer the allowed choices (score not NaN in every epoch) are ranked by
-    score, highest first, ties sharing their average rank. The L1 distance between two
-    epochs' rank vectors is divided by its largest possible value for n ops, floor(n^2/2)
-    (reached by reversing the ranking), and averaged over the layers with at least two
-    allowed ops: 0 = identical rankings in every layer, 1 = every layer's ranking reversed.
-    """
-    epochs, _, _, scores = _layer_tables(indicators)
-    n_e = len(epochs)
-    total = np.zeros((n_e, n_e))
-    n_layers = 0
-    for li in range(scores.shape[1]):
-        allowed = np.isfinite(scores[:, li, :]).all(axis=0)
-        n = int(allowed.sum())
-        if n < 2:
-            continue
-        ranks = _average_ranks(scores[:, li, allowed])  # [epochs x n]
-        dist = np.abs(ranks[:, None, :] - ranks[None, :, :]).sum(-1)
-        total += dist / (n * n // 2)
-        n_layers += 1
-    if n_layers == 0:
-        return np.zeros((n_e, n_e))
-    return total / n_layers
+    """[epochs x epochs] ``pipeline.ranking.rank_distance`` between the epochs of the long
+    indicator table (epoch, layer, choice, score), epochs in ascending order."""
+    _, _, _, scores = _layer_tables(indicators)
+    return ranking.rank_distance_matrix(list(scores))
 
 
 def _plot_rank_stability(run: RunDir) -> str:

@@ -24,7 +24,7 @@ interrupted ones continue from their last checkpoint with the epoch count contin
 
 Trials are plain function trainables, not Ray Train inside Tune: when ASHA stops a
 Train-in-Tune trial, Train V2 frees its placement group through the State API, which
-needs ``ray[default]``; without it the CPUs leak and the next trial hangs (NOTES.md).
+needs ``ray[default]``; without it the CPUs leak and the next trial hangs.
 """
 
 from __future__ import annotations
@@ -47,11 +47,14 @@ from torch import nn
 
 from search_spaces import ArchitectureError, SearchSpace, build_subnet, cost_tables
 
-from .common import PipelineError, Progress, ensure_ray, register_ops, resolve_space, space_ops
+from .common import (PipelineError, Progress, ensure_ray, read_stage_output, register_ops, resolve_space,
+                     resource_shortfall, space_ops)
 from .config import Config, diff_configs
 from .data import build_datasets, make_loader
-from .storage import RunDir, StorageError
-from .train_supernet import lr_factor
+from .schedules import cosine_schedule
+from .seeding import derive_seed
+from .storage import RunDir
+from .util import one_line
 
 TOPN = "search/topn.parquet"
 EXPERIMENT = "retrain_tune"  # Tune's experiment folder inside the run dir
@@ -68,7 +71,7 @@ CKPT_FILE = "state.pt"  # inside each Tune checkpoint directory
 def run_retrain(cfg: Config, run: RunDir, progress: Progress = print) -> dict:
     """Retrain the top-N, pick and export the winner; return ``retrain/result.json``."""
     if run.exists(RESULT):
-        return _read_json(run, RESULT)
+        return read_stage_output(run, RESULT)
     started = time.time()
     r = cfg.retrain
 
@@ -135,12 +138,7 @@ def run_retrain(cfg: Config, run: RunDir, progress: Progress = print) -> dict:
 
 def read_topn(run: RunDir, space: SearchSpace) -> list[dict]:
     """The top-N as dicts (arch tuple, rank, bn_score, flops, params), each arch validated."""
-    if not run.exists(TOPN):
-        raise PipelineError(f"{run.uri}/{TOPN} not found; run the search stage first")
-    try:
-        df = run.read_parquet(TOPN)
-    except StorageError as e:
-        raise PipelineError(str(e)) from None
+    df = read_stage_output(run, TOPN, f"{run.uri}/{TOPN} not found; run the search stage first")
     if "arch" not in df.columns:
         raise PipelineError(f"{run.uri}/{TOPN} has no 'arch' column (columns: {', '.join(map(str, df.columns))}); "
                             "rerun the search stage")
@@ -178,21 +176,17 @@ def _is_number(x: Any) -> bool:
 
 def check_resources(cpus: float, gpus: float) -> None:
     """Refuse a per-trial request no node can ever meet (Tune would wait forever)."""
-    import ray
-
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    total = ray.cluster_resources()
-    # A trial runs on one node, so the largest node is the limit, not the cluster total.
-    most_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
-    most_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
-    if cpus > most_cpu:
+    # One trial at a time is enough to make progress; each runs on one node.
+    short = resource_shortfall({"CPU": cpus, "GPU": gpus}, units=1)
+    if short is None:
+        return
+    if "CPU" in short.need:
         raise PipelineError(
-            f"retrain.cpus_per_trial={cpus:g} but the largest Ray node has {most_cpu:g} CPUs "
-            f"(cluster total {total.get('CPU', 0.0):g}); lower retrain.cpus_per_trial or add larger nodes")
-    if gpus > most_gpu:
-        raise PipelineError(
-            f"retrain.gpus_per_trial={gpus:g} but the largest Ray node has {most_gpu:g} GPUs "
-            f"(cluster total {total.get('GPU', 0.0):g}); set retrain.gpus_per_trial=0 or add GPU nodes")
+            f"retrain.cpus_per_trial={cpus:g} but the largest Ray node has {short.largest_node['CPU']:g} CPUs "
+            f"(cluster total {short.cluster['CPU']:g}); lower retrain.cpus_per_trial or add larger nodes")
+    raise PipelineError(
+        f"retrain.gpus_per_trial={gpus:g} but the largest Ray node has {short.largest_node['GPU']:g} GPUs "
+        f"(cluster total {short.cluster['GPU']:g}); set retrain.gpus_per_trial=0 or add GPU nodes")
 
 
 # ============================================================================ the Tune experiment
@@ -217,7 +211,7 @@ def _tuner(cfg: Config, run: RunDir, space: SearchSpace, archs: list[tuple[int, 
 
     if _restorable(run, exp_path):
         if run.exists(INPUTS):
-            changed = diff_configs(_read_json(run, INPUTS), inputs)
+            changed = diff_configs(read_stage_output(run, INPUTS), inputs)
             if changed:
                 raise PipelineError(
                     f"{run.uri}/{EXPERIMENT} was started with other inputs ({changed[0]}); rerun with the original "
@@ -296,16 +290,14 @@ class _ProgressCallback(Callback):
                   f"(val_acc {last.get('val_acc', float('nan')):.4f})")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self._say(f"retrain: {self._name(trial)} failed ({_error_line(trial)}); retrying from its last checkpoint")
+        self._say(f"retrain: {self._name(trial)} failed ({_trial_error(trial)}); retrying from its last checkpoint")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._say(f"retrain: {self._name(trial)} failed for good: {_error_line(trial)}")
+        self._say(f"retrain: {self._name(trial)} failed for good: {_trial_error(trial)}")
 
 
-def _error_line(trial) -> str:
-    err = trial.get_error() if hasattr(trial, "get_error") else None
-    lines = [ln.strip() for ln in str(err or "unknown error").splitlines() if ln.strip()]
-    return lines[-1][:200] if lines else "unknown error"
+def _trial_error(trial) -> str:
+    return one_line(trial.get_error() if hasattr(trial, "get_error") else None, 200, last_line=True)
 
 
 # ============================================================================ one trial
@@ -324,7 +316,7 @@ def retrain_trial(config: dict, *, cfg: Config, space: SearchSpace, ops: dict) -
     device = _device(r.gpus_per_trial)
 
     splits = build_datasets(cfg.data, seed=cfg.seed)
-    torch.manual_seed(cfg.seed + index)  # the initial weights: one seed per architecture
+    torch.manual_seed(derive_seed(cfg.seed, "init", index))  # the initial weights: one seed per architecture
     model = build_subnet(space, arch).to(device, memory_format=torch.channels_last)
     optimizer = _optimizer(model, cfg)
     drop_last = len(splits.train) > r.batch_size  # a 1-sample batch breaks BatchNorm
@@ -350,7 +342,7 @@ def retrain_trial(config: dict, *, cfg: Config, space: SearchSpace, ops: dict) -
         t0 = time.time()
         # Seeded per epoch, so augmentation draws are the same whether or not the trial
         # was interrupted before this epoch (the loader's order is fixed by (seed, epoch)).
-        torch.manual_seed(_epoch_seed(cfg.seed, index, epoch))
+        torch.manual_seed(derive_seed(cfg.seed, "augment", index, epoch))
         loader = make_loader(splits.train, r.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
                              drop_last=drop_last, num_workers=cfg.data.num_workers)
         train_loss = _train_epoch(model, loader, optimizer, criterion, device, scheduler)
@@ -366,14 +358,10 @@ def retrain_trial(config: dict, *, cfg: Config, space: SearchSpace, ops: dict) -
         with tempfile.TemporaryDirectory(prefix="bnnas-retrain-") as d:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                        "best_val_acc": best_val_acc, "arch": list(arch), "history": history},
+                        "best_val_acc": best_val_acc, "history": history},
                        os.path.join(d, CKPT_FILE))
             # report copies the folder to storage before it returns.
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-
-
-def _epoch_seed(seed: int, index: int, epoch: int) -> int:
-    return ((seed * 1_000_003 + index) * 10_007 + epoch) % (2**63)
 
 
 def _device(gpus: float) -> torch.device:
@@ -387,11 +375,6 @@ def _device(gpus: float) -> torch.device:
 
 def _steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else math.ceil(n / batch_size)
-
-
-def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Cosine from the optimizer's lr to 0 over ``total_steps`` (the supernet's lr_factor)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: lr_factor(t, total_steps, 0, "cosine"))
 
 
 def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -448,7 +431,7 @@ def _trial_rows(results, candidates: list[dict], max_t: int) -> list[dict]:
         res = errors[0]
         where = f"trial {res.config['arch_index'] + 1}" if res.config else f"the trial in {res.path}"
         raise PipelineError(
-            f"{len(errors)} retrain trial(s) failed after retries; {where}: {_last_line(res.error)}; "
+            f"{len(errors)} retrain trial(s) failed after retries; {where}: {one_line(res.error, last_line=True)}; "
             "fix the cause and rerun the same command (finished trials are kept, others resume)")
     rows = {}
     for res in results:
@@ -473,11 +456,6 @@ def _trial_rows(results, candidates: list[dict], max_t: int) -> list[dict]:
     if missing:
         raise PipelineError(f"retrain trial(s) {[i + 1 for i in missing]} reported nothing; rerun the same command")
     return [rows[i] for i in sorted(rows)]
-
-
-def _last_line(err: BaseException) -> str:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    return (lines[-1] if lines else type(err).__name__)[:300]
 
 
 def _pick_winner(rows: list[dict], max_t: int) -> dict:
@@ -562,10 +540,3 @@ def _print_table(rows: list[dict], max_t: int, progress: Progress) -> None:
                  f"{row['bn_score']:>7.3f} {test:>6}")
     if any(row["stopped_early"] for row in rows):
         progress("retrain: * stopped early by ASHA")
-
-
-def _read_json(run: RunDir, rel: str) -> Any:
-    try:
-        return run.read_json(rel)
-    except StorageError as e:
-        raise PipelineError(str(e)) from None

@@ -37,6 +37,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .util import LockHeld, flock
+
 LOCK_NAME = ".lock"
 # Remote locks cannot die with their process, so the holder refreshes the timestamp
 # and a lock that has not been refreshed for a while is taken to be abandoned.
@@ -285,26 +287,17 @@ class RunDir:
 
     @contextlib.contextmanager
     def _flock(self) -> Iterator[None]:
-        import fcntl
-
-        os.makedirs(self.root, exist_ok=True)
         lock_path = self.path(LOCK_NAME)
-        # The lock file is never deleted: unlinking it would let a third process lock a
-        # fresh inode while a second still holds the old one.
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        held = contextlib.ExitStack()
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise self._locked(_read_holder(fd), lock_path) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(_holder_info()).encode(), 0)
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+            fd = held.enter_context(flock(lock_path, wait=False))
+        except LockHeld as e:
+            raise self._locked(_parse_holder(e.holder), lock_path) from None
+        with held:
+            if fd is not None:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(_holder_info()).encode(), 0)
+            yield
 
     @contextlib.contextmanager
     def _remote_lock(self) -> Iterator[None]:
@@ -346,9 +339,9 @@ class RunDir:
             return {"t": time.time()}
 
 
-def _read_holder(fd: int) -> dict | None:
+def _parse_holder(data: bytes) -> dict | None:
     try:
-        return json.loads(os.pread(fd, 4096, 0) or b"null")
+        return json.loads(data or b"null")
     except ValueError:  # the holder has not written its details yet
         return None
 

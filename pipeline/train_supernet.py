@@ -34,22 +34,22 @@ CPU, NCCL on GPU) replaces DDP, which for a single-path net would need
 ``find_unused_parameters=True`` and a graph traversal every step. BN running
 statistics are averaged once per epoch so that all ranks end an epoch with one model.
 
-Test-only fault hook: ``BNNAS_FAULT_STEP=<epoch>:<step>:<rank>`` makes that rank exit
-(``os._exit(1)``) at the start of that optimizer step, once per run dir (a marker file
-``supernet/.fault_<epoch>_<step>_<rank>`` keeps the restarted worker from dying again).
+A seam for tests: ``SupernetTrainer(on_step=...)`` is called at the start of every
+optimizer step. The pipeline sets it only when the test-only ``BNNAS_FAULT_STEP`` asks
+for a crash (``pipeline/faults.py``); otherwise the loop makes no call at all.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import math
 import os
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -58,10 +58,17 @@ from torch import nn
 
 from search_spaces import SearchSpace, Supernet, bn_indicator, freeze, space_from_dict
 
-from .common import PipelineError, Progress, ensure_ray, register_ops, resolve_space, seed_everything, space_ops
+from .budgets import make_budgets
+from .common import (PipelineError, Progress, ensure_ray, read_stage_output, register_ops, resolve_space,
+                     resource_shortfall, space_ops)
 from .config import Config
 from .data import Splits, build_datasets, make_loader
-from .storage import RunDir, StorageError
+from .faults import FaultSpec
+from .ranking import rank_distance
+from .schedules import lr_schedule
+from .seeding import derive_seed, seed_everything
+from .storage import RunDir
+from .util import one_line
 
 STAGE_DIR = "supernet"
 RESULT = f"{STAGE_DIR}/result.json"
@@ -71,9 +78,7 @@ INDICATORS = f"{STAGE_DIR}/indicators.parquet"
 RUN_META = f"{STAGE_DIR}/run.json"
 TRAIN_NAME = "supernet_train"  # Ray's RunConfig name: fixed, so a rerun finds its checkpoints
 STATE_FILE = "state.pt"
-FAULT_ENV = "BNNAS_FAULT_STEP"
 REFERENCE_BATCH = 512  # the authors' lr 0.25 is for a global batch of 512
-CHECKPOINT_FORMAT = 1
 
 
 # ============================================================================ pure pieces
@@ -82,12 +87,6 @@ def init_supernet(space: SearchSpace, seed: int) -> Supernet:
     """The supernet exactly as every rank initialises it (frozen weights stay like this)."""
     seed_everything(seed)
     return Supernet(space)
-
-
-def _derived_seed(*parts: object) -> int:
-    """A 63-bit seed from a tuple, so seed 1 / epoch 0 never replays seed 0 / epoch 1."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 class PathSampler:
@@ -114,7 +113,7 @@ class PathSampler:
         self.group_size = 1 if kind == "uniform" else self.num_choices
 
     def epoch_paths(self, epoch: int, steps: int) -> np.ndarray:
-        rng = np.random.default_rng(_derived_seed("paths", self.kind, self.seed, epoch))
+        rng = np.random.default_rng(derive_seed(self.seed, "paths", self.kind, epoch))
         out = np.empty((steps, self.group_size, len(self.allowed)), dtype=np.int64)
         for l, allowed in enumerate(self.allowed):
             if self.kind == "uniform":
@@ -128,58 +127,11 @@ class PathSampler:
                 out[s, :, l] = column
         return out
 
-    def state_dict(self) -> dict:
-        return {"kind": self.kind, "seed": self.seed}
-
 
 def paths_digest(paths: np.ndarray) -> str:
     """A short hash of a path sequence, to check that ranks walked the same paths."""
     # 15 hex digits = 60 bits: fits an int64, so ranks can all-reduce them on any backend.
     return hashlib.sha256(np.ascontiguousarray(paths, dtype=np.int64).tobytes()).hexdigest()[:15]
-
-
-def op_ranks(scores: np.ndarray) -> np.ndarray:
-    """Rank of each op in one layer: 0 = highest score; ties keep choice order."""
-    order = np.argsort(-scores, kind="stable")
-    ranks = np.empty(len(scores), dtype=np.int64)
-    ranks[order] = np.arange(len(scores))
-    return ranks
-
-
-def rank_distance(prev: Optional[np.ndarray], cur: np.ndarray) -> float:
-    """Normalised L1 distance between two epochs' per-layer op rankings.
-
-    For each layer, the allowed ops (non-NaN entries) are ranked by indicator; the
-    distance is the sum over layers of the L1 distance between the two rank vectors,
-    divided by the sum over layers of the largest possible L1 distance between two
-    permutations of n items, floor(n^2 / 2) (reached by reversing the order). So 0 is
-    the same ranking in every layer and 1 is every layer reversed. Without a previous
-    table (the first epoch) it is NaN: there is no earlier ranking to compare with.
-    """
-    if prev is None:
-        return float("nan")
-    prev, cur = np.asarray(prev, dtype=float), np.asarray(cur, dtype=float)
-    if prev.shape != cur.shape:
-        raise ValueError(f"indicator tables differ in shape: {prev.shape} vs {cur.shape}")
-    num = den = 0
-    for p, c in zip(prev, cur):
-        allowed = ~np.isnan(c)
-        n = int(allowed.sum())
-        num += int(np.abs(op_ranks(p[allowed]) - op_ranks(c[allowed])).sum())
-        den += n * n // 2
-    return num / den if den else 0.0
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """LR multiplier for optimizer step ``step``: linear warm-up, then linear or cosine decay to 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "constant":
-        return 1.0
-    return 1.0 - progress
 
 
 def scaled_lr(cfg: Config, world_size: int) -> float:
@@ -198,64 +150,26 @@ def _table_to_list(table: np.ndarray) -> list:
 
 # ============================================================================ one rank
 
-@dataclass
-class _Fault:
-    epoch: int
-    step: int
-    rank: int
-
-    @staticmethod
-    def parse(text: str) -> Optional["_Fault"]:
-        if not text:
-            return None
-        try:
-            e, s, r = (int(x) for x in text.split(":"))
-        except ValueError:
-            raise ValueError(f"{FAULT_ENV}={text!r}: expected <epoch>:<step>:<rank>, e.g. 1:2:1") from None
-        return _Fault(e, s, r)
-
-
-def _wait_until_registered(run: RunDir, epoch: int, timeout_s: float = 120.0) -> None:
-    """Test-only: wait until Ray has registered the checkpoint of ``epoch``.
-
-    Train V2 registers a reported checkpoint only when its controller next polls the
-    workers (every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default); a worker that
-    dies sooner loses that checkpoint and the restart resumes one epoch earlier. Waiting
-    makes the injected fault land at a known point: after epoch ``epoch`` is safe.
-    """
-    from ray.train import Result
-
-    path = f"{run.storage_path.rstrip('/')}/{TRAIN_NAME}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            result = Result.from_path(path)
-            if result.checkpoint is not None and (result.metrics or {}).get("epoch") == epoch:
-                return
-        except Exception:  # the snapshot is rewritten in place; a torn read just retries
-            pass
-        time.sleep(0.2)
-
-
 class SupernetTrainer:
     """What one data-parallel rank does, with no Ray in it.
 
     The Ray train loop is a thin wrapper around this class (build, resume from a state
     dict, ``train_epoch`` per epoch, report, checkpoint ``state_dict()``), and tests can
     drive it in-process with ``world_size=1``. With ``world_size > 1`` it expects
-    ``torch.distributed`` to be initialised (Ray's TorchTrainer does that).
+    ``torch.distributed`` to be initialised (Ray's TorchTrainer does that). ``on_step``,
+    if given, is called as ``on_step(epoch, step)`` before every optimizer step.
     """
 
     def __init__(self, cfg: Config, splits: Splits, *, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu", state: Optional[dict] = None,
-                 run_uri: str = "", fault: str = "", space: Optional[SearchSpace] = None):
+                 space: Optional[SearchSpace] = None, on_step: Optional[Callable[[int, int], None]] = None):
         sc = cfg.supernet
         self.cfg, self.splits = cfg, splits
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.on_gpu = self.device.type == "cuda"
         self.distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
-        self.run_uri, self.fault = run_uri, _Fault.parse(fault)
+        self.on_step = on_step  # on_step(epoch, step) before every optimizer step; tests only (see module doc)
 
         info = splits.info
         # The driver resolves the space and ships it: a space or op registered in a user's
@@ -300,18 +214,14 @@ class SupernetTrainer:
         total = epochs * self.steps_per_epoch
         warmup = round(sc.warmup_epochs * self.steps_per_epoch)
         self.total_steps = total
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda t: lr_factor(t, total, warmup, sc.schedule))
+        self.scheduler = lr_schedule(self.optimizer, total, warmup, sc.schedule)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """Everything needed to continue bit-for-bit (RNG streams are derived, see module doc)."""
         return {
-            "format": CHECKPOINT_FORMAT,
             "fingerprint": self.space.fingerprint,
-            "space": self.space.to_dict(),
             "mode": self.cfg.supernet.mode,
-            "sampler": self.sampler.state_dict(),
             "epoch": self.next_epoch,  # epochs completed = index of the next epoch
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             # Copies, like the model's: torch returns live references to the momentum
@@ -322,7 +232,6 @@ class SupernetTrainer:
             "history": list(self.history),
             "stable_count": self.stable_count,
             "stopped_early": self.stopped_early,
-            "world_size": self.world_size,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -373,24 +282,11 @@ class SupernetTrainer:
         self._average([b for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                        for b in (m.running_mean, m.running_var) if b is not None])
 
-    def _maybe_fault(self, epoch: int, step: int) -> None:
-        f = self.fault
-        if f is None or (f.epoch, f.step, f.rank) != (epoch, step, self.rank):
-            return
-        run = RunDir(self.run_uri)
-        marker = f"{STAGE_DIR}/.fault_{epoch}_{step}_{self.rank}"
-        if run.exists(marker):
-            return  # already died here once in this run dir: the restart must get through
-        run.write_text(marker, "test-only fault injected here\n")
-        if epoch > 0:
-            _wait_until_registered(run, epoch - 1)
-        os._exit(1)
-
     # ------------------------------------------------------------------ one epoch
     def train_epoch(self, epoch: int) -> dict:
         sc = self.cfg.supernet
         # Everything random in this epoch comes from (seed, epoch, rank): see module doc.
-        torch.manual_seed(_derived_seed("torch", self.cfg.seed, epoch, self.rank))
+        torch.manual_seed(derive_seed(self.cfg.seed, "torch", epoch, self.rank))
         loader = make_loader(self.splits.train, sc.batch_size, shuffle=True, seed=self.cfg.seed, epoch=epoch,
                              rank=self.rank, world_size=self.world_size, drop_last=True,
                              num_workers=self.cfg.data.num_workers)
@@ -403,10 +299,10 @@ class SupernetTrainer:
         steps = 0
         lr = self.optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
-        for step, (x, y) in enumerate(loader):
-            if step >= self.steps_per_epoch:
-                break
-            self._maybe_fault(epoch, step)
+        batches: Iterable = itertools.islice(enumerate(loader), self.steps_per_epoch)
+        if self.on_step is not None:  # decided once per epoch: without a hook the loop makes no call
+            batches = _announced(batches, epoch, self.on_step)
+        for step, (x, y) in batches:
             x = x.to(self.device, non_blocking=True,
                      memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
             y = y.to(self.device, non_blocking=True)
@@ -481,6 +377,13 @@ class SupernetTrainer:
         return [f"{v:015x}" for v in t.tolist()]
 
 
+def _announced(batches: Iterable, epoch: int, on_step: Callable[[int, int], None]) -> Iterator:
+    """The (step, batch) pairs of an epoch, calling ``on_step(epoch, step)`` before each."""
+    for step, batch in batches:
+        on_step(epoch, step)
+        yield step, batch
+
+
 # ============================================================================ Ray train loop
 
 def _quiet_ray_train_logs() -> None:
@@ -531,8 +434,10 @@ def _train_loop_per_worker(config: dict) -> None:
     else:
         device = torch.device("cpu")
     splits = build_datasets(cfg.data, seed=cfg.seed)
+    fault: Optional[FaultSpec] = config.get("fault")
+    on_step = fault.injector(config["run_uri"], rank, train_dir=TRAIN_NAME, stage_dir=STAGE_DIR) if fault else None
     trainer = SupernetTrainer(cfg, splits, rank=rank, world_size=world, device=device, state=state,
-                              run_uri=config["run_uri"], fault=config.get("fault", ""), space=config.get("space"))
+                              space=config.get("space"), on_step=on_step)
     epochs = cfg.supernet.epochs
     emit({"kind": "start", "start_epoch": trainer.next_epoch, "epochs": epochs, "world_size": world,
           "lr": trainer.base_lr, "steps_per_epoch": trainer.steps_per_epoch, "resumed": state is not None,
@@ -627,32 +532,25 @@ class _ProgressRelay:
                               f"epoch {e['epoch'] + 1}/{n}")
 
 
-def _check_resources(scaling) -> None:
-    """Fail fast on a ScalingConfig the cluster can never run.
+def _check_resources(per_worker: dict[str, float], num_workers: int) -> None:
+    """Fail fast on workers the cluster can never run.
 
     Ray 2.60 only checks this against an autoscaler's cluster config; on a fixed
     cluster (and a local ray.init) it waits 60 s for the placement group, then retries
     forever (controller_failure_limit=-1): a hang, not an error.
     """
-    import ray
-
-    try:
-        from ray._private.state import state as ray_state  # private; only to defer to autoscalers
-
-        if ray_state.get_max_resources_from_cluster_config():
-            return  # an autoscaler may add nodes; Ray Train checks its limits itself
-    except Exception:
-        pass
-    have = ray.cluster_resources()
-    need = scaling.total_resources
-    short = {k: v for k, v in need.items() if have.get(k, 0) < v}
-    if short:
-        wants = ", ".join(f"{v:g} {k}" for k, v in short.items())
-        has = ", ".join(f"{have.get(k, 0):g} {k}" for k in short)
-        raise PipelineError(
-            f"supernet training needs {wants} ({scaling.num_workers} workers x {scaling._resources_per_worker_not_none}) "
-            f"but the Ray cluster has {has}; lower supernet.num_workers / supernet.cpus_per_worker, "
-            f"set supernet.use_gpu=false, or join a bigger cluster (ray.address)")
+    short = resource_shortfall(per_worker, num_workers)
+    if short is None:
+        return
+    wants = ", ".join(f"{v:g} {k}" for k, v in short.need.items())
+    # Enough in total but not on any one node: say so, or the numbers would look fine.
+    has = ", ".join(f"{short.cluster[k]:g} {k}" + (f" but at most {short.largest_node[k]:g} on one node"
+                                                    if short.cluster[k] >= v else "")
+                    for k, v in short.need.items())
+    raise PipelineError(
+        f"supernet training needs {wants} ({num_workers} workers x {per_worker}) "
+        f"but the Ray cluster has {has}; lower supernet.num_workers / supernet.cpus_per_worker, "
+        f"set supernet.use_gpu=false, or join a bigger cluster (ray.address)")
 
 
 def _run_meta(space: SearchSpace, cfg: Config) -> dict:
@@ -715,7 +613,6 @@ def train_supernet(cfg: Config, run: RunDir, progress: Progress = print) -> dict
             f"lower the batch size or use more data (data.fraction)")
     _check_run_meta(run, space, cfg)  # before Ray starts: a wrong run dir fails in a second
     # The search budget depends on the space alone: an impossible one fails now, not after training.
-    from .search import make_budgets
     make_budgets(cfg.search, space).check_feasible()
 
     ensure_ray(cfg)
@@ -723,9 +620,10 @@ def train_supernet(cfg: Config, run: RunDir, progress: Progress = print) -> dict
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    scaling = ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                            resources_per_worker={"CPU": sc.cpus_per_worker})
-    _check_resources(scaling)
+    # Spelled out (Ray would add the GPU itself), so that the check asks for what Ray will.
+    per_worker = {"CPU": sc.cpus_per_worker, **({"GPU": 1.0} if sc.use_gpu else {})}
+    _check_resources(per_worker, sc.num_workers)
+    scaling = ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=per_worker)
     run_config = RunConfig(
         name=TRAIN_NAME, storage_path=run.storage_path,
         checkpoint_config=CheckpointConfig(num_to_keep=sc.checkpoints_to_keep),
@@ -736,17 +634,15 @@ def train_supernet(cfg: Config, run: RunDir, progress: Progress = print) -> dict
     with _ProgressRelay(progress) as relay:
         trainer = TorchTrainer(
             _train_loop_per_worker,
-            # The fault hook is read here: workers' environment is fixed when Ray starts.
+            # The test-only fault is read here, once: workers' environment is fixed when Ray starts.
             train_loop_config={"cfg": cfg, "run_uri": run.uri, "events": relay.queue,
-                               "fault": os.environ.get(FAULT_ENV, ""), "space": space, "ops": space_ops(space)},
+                               "fault": FaultSpec.from_env(), "space": space, "ops": space_ops(space)},
             scaling_config=scaling, run_config=run_config)
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as e:
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-            why = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
             raise PipelineError(
-                f"supernet training failed ({why}) after {sc.max_failures} restarts; fix the cause and rerun the "
+                f"supernet training failed ({one_line(e, last_line=True)}) after {sc.max_failures} restarts; fix the cause and rerun the "
                 f"same command to resume from the latest checkpoint in {run.uri}/{TRAIN_NAME}") from None
 
     if result.checkpoint is None:
@@ -809,12 +705,7 @@ def load_supernet(run: RunDir) -> dict:
 
     final.pt is written atomically, so its presence means stage 1 produced it whole.
     """
-    if not run.exists(FINAL):
-        raise PipelineError(f"no trained supernet at {run.path(FINAL)}; run stage 1 (train_supernet) first")
-    try:
-        final = run.read_torch(FINAL)
-    except StorageError as e:
-        raise PipelineError(str(e)) from None
+    final = read_stage_output(run, FINAL, f"no trained supernet at {run.path(FINAL)}; run stage 1 (train_supernet) first")
     missing = [k for k in ("space", "fingerprint", "model") if not isinstance(final, dict) or k not in final]
     if missing:
         raise PipelineError(f"{run.path(FINAL)} lacks {', '.join(missing)}; "

@@ -1,7 +1,10 @@
-"""Built-in search spaces, one small factory each (see DESIGN.md for the sources).
+"""Built-in search spaces, one small factory each.
 
-The 224 px spaces reproduce the published ones; the ``*_small`` spaces keep the same op
-families but are sized for 28-32 px inputs so that a 2-core CPU trains them in minutes.
+The 224 px spaces reproduce the published ones (SPOS's ShuffleNetV2, BN-NAS's ABS
+MobileNet, FairNAS's MobileNet; README.md, section "Search spaces", has the table), and
+``tests/test_search_spaces.py`` checks the published BN-NAS and SPOS architectures'
+multiply-adds and parameters. The ``*_small`` spaces keep the same op families but are
+sized for 28-32 px inputs so that a 2-core CPU trains them in minutes.
 """
 
 from __future__ import annotations

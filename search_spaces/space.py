@@ -17,9 +17,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
-import yaml
-
 from .ops import IDENTITY, OPS
+from .yaml_file import load_yaml_mapping
 
 Arch = tuple[int, ...]
 
@@ -249,22 +248,12 @@ def space_from_dict(d: dict, *, source: str = "space") -> SearchSpace:
         raise
     except (KeyError, TypeError, ValueError) as e:
         raise SpaceError(f"{source}: not a valid space definition ({type(e).__name__}: {e}); "
-                         "see search_spaces/README section 'Adding a space'") from None
+                         "see README.md, section 'Adding a search space'") from None
 
 
 def load_space_yaml(path: str | Path) -> SearchSpace:
-    p = Path(path)
-    try:
-        d = yaml.safe_load(p.read_text())
-    except OSError as e:
-        raise SpaceError(f"cannot read space file {p}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise SpaceError(f"space file {p} is not valid YAML{where}; fix the syntax") from None
-    if not isinstance(d, dict):
-        raise SpaceError(f"space file {p} must hold a mapping (name, input_size, stem, stages, head)")
-    return space_from_dict(d, source=str(p))
+    d = load_yaml_mapping(path, what="space file", error=SpaceError, holds="name, input_size, stem, stages, head")
+    return space_from_dict(d, source=str(path))
 
 
 def get_space(name_or_path: str) -> SearchSpace:

@@ -66,10 +66,11 @@ def _build_run(root, stages=("supernet", "search", "retrain")) -> RunDir:
         run.write_parquet("search/topn.parquet", pd.DataFrame({
             "rank": [1, 2, 3], "arch": TOPN, "score": [4.6, 4.4, 4.3], "flops": [6.8e6, 6.5e6, 6.9e6],
             "params": [3.4e5, 3.25e5, 3.45e5], "source": ["mutation", "crossover", "exact"]}))
+        best = {"arch": WINNER, "ops": [OPS[a] for a in WINNER], "score": 4.6, "flops": 6.8e6, "params": 3.4e5,
+                "source": "mutation"}
         run.write_json("search/result.json", {
-            "best_arch": WINNER, "best_score": 4.6, "flops": 6.8e6, "params": 3.4e5, "exact_best": 4.6,
-            "evolution_best": 4.6, "gap": 0.0, "n_scored": len(archs), "indicator": "bn", "elapsed_s": 1.25,
-            "max_flops": 7e6})
+            "indicator": "bn", "budgets": {"max_flops": 7e6}, "best": best, "exact_best": best,
+            "evolution_best": best, "gap": 0.0, "n_scored": len(archs), "elapsed_s": 1.25})
     if "retrain" in stages:
         hist = []
         lengths = [6, 2, 6]
@@ -209,7 +210,7 @@ def test_single_epoch_and_no_budget(tmp_path):
     ind = run.read_parquet("supernet/indicators.parquet")
     run.write_parquet("supernet/indicators.parquet", ind[ind["epoch"] == 0])
     res = run.read_json("search/result.json")
-    res["max_flops"] = 0
+    res["budgets"] = {}  # what the search writes without a budget
     run.write_json("search/result.json", res)
     out = write_report(run)
     assert "rank stability needs two" in out["skipped"]["rank_stability"]

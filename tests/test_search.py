@@ -17,8 +17,9 @@ from torch import nn
 from pipeline.common import PipelineError, resolve_space
 from pipeline.config import Config, DataConfig, SearchConfig, SpaceConfig, SupernetConfig, validate
 from pipeline.data import build_datasets, make_loader
-from pipeline.search import (AccIndicator, BNIndicator, INDICATORS, ScorerPool, SearchHooks, allowed_mask,
-                             evolve, exact_search, load_latency_table, make_budgets, register_indicator, run_search)
+from pipeline.budgets import allowed_mask, load_latency_table, make_budgets
+from pipeline.search import (AccIndicator, BNIndicator, INDICATORS, ScorerPool, SearchHooks, evolve, exact_search,
+                             register_indicator, run_search)
 from pipeline.storage import RunDir
 from search_spaces import (Supernet, arch_scores, bn_indicator, build_subnet, cost_tables, get_space,
                            subnet_state_from_supernet)

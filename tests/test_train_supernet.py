@@ -16,9 +16,11 @@ from pipeline.common import PipelineError
 from pipeline.config import Config, DataConfig, SupernetConfig
 from pipeline.data import build_datasets
 from pipeline.storage import RunDir
-from pipeline.train_supernet import (FAULT_ENV, HISTORY, INDICATORS, RESULT, PathSampler, SupernetTrainer,
-                                     init_supernet, load_supernet, lr_factor, paths_digest, rank_distance,
-                                     supernet_from_final, train_supernet)
+from pipeline.faults import FAULT_ENV
+from pipeline.ranking import rank_distance
+from pipeline.schedules import lr_factor
+from pipeline.train_supernet import (HISTORY, INDICATORS, RESULT, PathSampler, SupernetTrainer, init_supernet,
+                                     load_supernet, paths_digest, supernet_from_final, train_supernet)
 from search_spaces import freeze, get_space
 
 SEED = 7
@@ -381,9 +383,10 @@ def test_rank_distance():
     assert rank_distance(t, t) == 0.0
     reversed_ = np.array([[0.1, 0.5, 0.9, np.nan], [0.0, 0.1, 0.2, 0.3]])
     assert rank_distance(t, reversed_) == 1.0
-    # One swap of neighbours in the 4-op layer: L1 = 2; max = floor(3^2/2) + floor(4^2/2) = 4 + 8.
+    # One swap of neighbours in the 4-op layer: L1 = 2 of at most floor(4^2/2) = 8, so 0.25
+    # there; the 3-op layer is unchanged (0). Layers weigh the same: (0 + 0.25) / 2.
     swapped = np.array([[0.9, 0.5, 0.1, np.nan], [0.2, 0.3, 0.1, 0.0]])
-    assert rank_distance(t, swapped) == pytest.approx(2 / 12)
+    assert rank_distance(t, swapped) == pytest.approx(0.125)
     assert math.isnan(rank_distance(None, t))  # first epoch: nothing to compare with
 
 
