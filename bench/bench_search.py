@@ -62,10 +62,8 @@ def trained_like_table(space, seed: int) -> np.ndarray:
     allowed = allowed_mask(space)
     table = np.where(allowed, rng.uniform(0.2, 1.5, allowed.shape), np.nan)
     for layer in space.layers:
-        if "identity" in layer.ops:
-            k = layer.ops.index("identity")
-            if layer.allowed[k]:
-                table[layer.index, k] = 0.0
+        if layer.fixed_identity:  # identity has no BN: the indicator writes 0 (the same in every arch)
+            table[layer.index, layer.identity_choice] = 0.0
     return table
 
 

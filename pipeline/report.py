@@ -603,8 +603,16 @@ def _stage_time(t: dict[str, float]) -> float:
     return t["elapsed"] if _is_num(t["elapsed"]) else t["wall"]
 
 
+def _authors_str(arch: Any, ops: str) -> str:
+    """The architecture in the authors' format (-1 = identity), from its choices and op names."""
+    key, names = _arch_key(arch), (ops or "").split(",")
+    if key is None or len(names) != len(key):
+        return ""
+    return _arch_str([-1 if n == "identity" else a for a, n in zip(key, names)])
+
+
 def summary_table(run: RunDir, timings: dict[str, float] | None = None) -> pd.DataFrame:
-    """One row: the final result (arch, ops, multiply_adds, params, bn_score, val_acc,
+    """One row: the final result (arch, arch_authors, ops, multiply_adds, params, bn_score, val_acc,
     test_acc, time_<stage>_s, time_total_s). Missing values are NaN / empty."""
     s = _search_result(run) or {}
     r = _retrain_result(run) or {}
@@ -623,6 +631,7 @@ def summary_table(run: RunDir, timings: dict[str, float] | None = None) -> pd.Da
                 score = hit["score"].iloc[0]
     row: dict[str, Any] = {
         "arch": _arch_str(arch) if arch is not None else "",
+        "arch_authors": _authors_str(arch, ops),
         "ops": ops or "",
         "multiply_adds": _num(r.get("flops")) if from_retrain else _num(s.get("flops")),
         "params": _num(r.get("params")) if from_retrain else _num(s.get("params")),
@@ -654,6 +663,7 @@ def format_summary(run: RunDir, timings: dict[str, float] | None = None) -> str:
     lines = [
         ("architecture", row["ops"] or "-"),
         ("choices", row["arch"] or "-"),
+        ("authors' form", row["arch_authors"] or "-"),  # -1 = identity, as in the BN-NAS code
         ("multiply-adds", madds),
         ("params", _fmt_m(row["params"])),
         ("BN score", _fmt_float(row["bn_score"])),

@@ -80,6 +80,9 @@ def build_config(args: argparse.Namespace) -> Config:
     cfg = load_config(resolve_config_path(args.config), overrides)
     space = get_space(cfg.space.name)  # an unknown space or a broken space file fails before any work
     check_ops(space)
+    from .search.indicators import get_indicator
+
+    get_indicator(cfg.search.indicator).check_space(space, cfg.search)  # e.g. bn on a free-depth space
     return cfg
 
 

@@ -94,11 +94,12 @@ class PathSampler:
 
     ``epoch_paths(epoch, steps)`` is an int array [steps, G, L]: for each optimizer
     step, G paths (one choice index per layer). ``uniform``: G = 1, each layer's choice
-    uniform over its allowed ops (SPOS). ``fair``: G = K (the space's number of
-    choices); for each layer a random permutation of its allowed ops, padded to K by
-    re-drawing from the allowed ops when the layer allows fewer (identity forbidden),
-    so every allowed op is taken at least once per group and exactly once when the
-    layer allows all K (FairNAS strict fairness).
+    uniform over its allowed ops (SPOS). ``fair``: G = K, the most ops any layer allows;
+    for each layer a random permutation of its allowed ops, padded to K by re-drawing
+    from the allowed ops when the layer allows fewer (identity forbidden), so every
+    allowed op is taken at least once per group and exactly once when the layer allows
+    all K (FairNAS strict fairness). A layer with one allowed choice (fixed to identity)
+    holds it in every path and draws nothing.
 
     The draws depend only on (seed, epoch): a resumed epoch gets the paths the
     uninterrupted run got, with no generator state to carry in the checkpoint.
@@ -110,12 +111,15 @@ class PathSampler:
         self.kind, self.seed = kind, seed
         self.num_choices = space.num_choices
         self.allowed = [np.flatnonzero(layer.allowed) for layer in space.layers]
-        self.group_size = 1 if kind == "uniform" else self.num_choices
+        self.group_size = 1 if kind == "uniform" else max(len(a) for a in self.allowed)
 
     def epoch_paths(self, epoch: int, steps: int) -> np.ndarray:
         rng = np.random.default_rng(derive_seed(self.seed, "paths", self.kind, epoch))
         out = np.empty((steps, self.group_size, len(self.allowed)), dtype=np.int64)
         for l, allowed in enumerate(self.allowed):
+            if len(allowed) == 1:
+                out[:, :, l] = allowed[0]
+                continue
             if self.kind == "uniform":
                 out[:, 0, l] = allowed[rng.integers(0, len(allowed), size=steps)]
                 continue

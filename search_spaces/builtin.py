@@ -12,9 +12,9 @@ from __future__ import annotations
 from .space import Head, SearchSpace, Stage, StemLayer, register_space
 
 SHUFFLE_OPS = ("shuffle_k3", "shuffle_k5", "shuffle_k7", "xception")
-# BN-NAS / ABS order: k3e3, k3e6, k5e3, k5e6, k7e3, k7e6, then identity (-1 in the paper).
+# BN-NAS / ABS order: k3e3, k3e6, k5e3, k5e6, k7e3, k7e6. Identity (-1 in the paper) is
+# not a choice: the authors fix which layers are identity (``identity_layers``).
 MOBILE_OPS = ("mbconv_k3_e3", "mbconv_k3_e6", "mbconv_k5_e3", "mbconv_k5_e6", "mbconv_k7_e3", "mbconv_k7_e6")
-MOBILE_OPS_ID = MOBILE_OPS + ("identity",)
 
 
 def _stages(spec, ops) -> tuple[Stage, ...]:
@@ -34,14 +34,22 @@ def spos_shufflenet() -> SearchSpace:
 
 @register_space
 def bnnas_mobilenet() -> SearchSpace:
-    """BN-NAS / ABS MobileNet space: 21 layers x 7 choices (with identity), 475M budget."""
+    """BN-NAS / ABS MobileNet space as the authors search it: 21 layers, 6 MBConv ops each,
+    layers 1, 5, 6 and 9 fixed to identity, 475M budget.
+
+    The authors' supernet training and evolution (``BNNAS/supernet/train.py``,
+    ``BNNAS/search/ea.py``) set those four layers to -1 on every step and in every
+    candidate: the BN score then only compares MBConv ops with MBConv ops (identity has
+    no BN to score). Both published architectures have -1 exactly there.
+    """
     return SearchSpace(
         name="bnnas_mobilenet", input_size=224,
         stem=(StemLayer("conv", out=40, kernel=3, stride=2, act="relu6"),
               StemLayer("op", out=24, op="mbconv_k3_e1")),
         stages=_stages([(32, 4, 2), (56, 4, 2), (112, 4, 2), (128, 4, 1), (256, 4, 2), (432, 1, 1)],
-                       MOBILE_OPS_ID),
+                       MOBILE_OPS),
         head=Head(channels=1728, act="relu6"),
+        identity_layers=(1, 5, 6, 9),
     )
 
 
@@ -59,17 +67,24 @@ def fairnas_mobilenet() -> SearchSpace:
 
 @register_space
 def mobilenet_small() -> SearchSpace:
-    """The BN-NAS MobileNet family for 28-32 px inputs: 7 layers x 7 choices.
+    """The BN-NAS MobileNet family for 28-32 px inputs: 7 layers, 6 MBConv ops each,
+    layer 1 fixed to identity (6 searchable layers, 6^6 = 46,656 architectures).
 
-    The stem halves the resolution at once: on a 2-core CPU the 28 px layers would
-    cost most of the run for little accuracy on Fashion-MNIST or CIFAR-10.
+    As in BN-NAS, depth is fixed so that the BN indicator compares ops with ops. Of the
+    layers that may be identity (the second of each two-layer stage: 1, 3, 5), layer 1
+    runs at the highest resolution, where an op costs the most multiply-adds and adds
+    the least capacity; skipping it is the authors' choice too (their layer 1, the
+    second of their first stage). The stem halves the resolution at once: on a 2-core
+    CPU the 28 px layers would cost most of the run for little accuracy on
+    Fashion-MNIST or CIFAR-10.
     """
     return SearchSpace(
         name="mobilenet_small", input_size=32,
         stem=(StemLayer("conv", out=16, kernel=3, stride=2, act="relu6"),),
-        stages=_stages([(24, 2, 1), (40, 2, 2), (80, 2, 2), (96, 1, 1)], MOBILE_OPS_ID),
+        stages=_stages([(24, 2, 1), (40, 2, 2), (80, 2, 2), (96, 1, 1)], MOBILE_OPS),
         head=Head(channels=256, act="relu6"),
         num_classes=10,
+        identity_layers=(1,),
     )
 
 

@@ -7,6 +7,14 @@ definition, not its name), and validates architectures against itself.
 An *architecture* is a tuple of ints, one choice index per searchable layer, into
 that layer's op list. It travels as JSON with the space's name and fingerprint so it
 is never applied to the wrong space.
+
+Depth is data too. ``identity_layers`` fixes layers to identity (BN-NAS fixes layers
+1, 5, 6 and 9 of its space): such a layer's only allowed choice is identity, appended
+after the stage's ops, so that choice k names the same op in every layer. The BN
+indicator cannot score identity (it has no BN), so the authors never let it compete;
+a space whose identity is a free choice is for the ``acc`` indicator. Architectures in
+the authors' format, -1 for identity, are accepted wherever an architecture is
+(``validate``) and written beside ours (``authors_arch``).
 """
 
 from __future__ import annotations
@@ -67,7 +75,22 @@ class Layer:
     out_channels: int
     stride: int
     ops: tuple[str, ...]
-    allowed: tuple[bool, ...]  # per choice; identity may be forbidden
+    allowed: tuple[bool, ...]  # per choice; identity may be forbidden, or be the only choice
+
+    @property
+    def identity_choice(self) -> Optional[int]:
+        """The choice index of identity in this layer, or None."""
+        return self.ops.index(IDENTITY) if IDENTITY in self.ops else None
+
+    @property
+    def fixed_identity(self) -> bool:
+        """Identity is the only allowed choice: the layer is skipped in every architecture."""
+        return self.identity_choice is not None and sum(self.allowed) == 1 and self.allowed[self.identity_choice]
+
+    @property
+    def free(self) -> bool:
+        """More than one allowed choice: search (and mutation) has something to pick here."""
+        return sum(self.allowed) > 1
 
 
 @dataclass(frozen=True)
@@ -79,6 +102,7 @@ class SearchSpace:
     head: Head
     in_channels: int = 3
     num_classes: int = 1000
+    identity_layers: tuple[int, ...] = ()  # global layer indices fixed to identity (fixed depth)
 
     def __post_init__(self):
         _check_definition(self)
@@ -94,11 +118,17 @@ class SearchSpace:
     @property
     def layers(self) -> tuple[Layer, ...]:
         out, cin = [], self.stem_channels
+        fixed = set(self.identity_layers)
         for si, st in enumerate(self.stages):
             for d in range(st.depth):
                 first = d == 0
-                allowed = tuple(not (op == IDENTITY and first and not st.identity_first) for op in st.ops)
-                out.append(Layer(len(out), si, cin, st.channels, st.stride if first else 1, st.ops, allowed))
+                if len(out) in fixed:
+                    ops = st.ops if IDENTITY in st.ops else st.ops + (IDENTITY,)
+                    allowed = tuple(op == IDENTITY for op in ops)
+                else:
+                    ops = st.ops
+                    allowed = tuple(not (op == IDENTITY and first and not st.identity_first) for op in ops)
+                out.append(Layer(len(out), si, cin, st.channels, st.stride if first else 1, ops, allowed))
                 cin = st.channels
         return tuple(out)
 
@@ -108,7 +138,13 @@ class SearchSpace:
 
     @property
     def num_choices(self) -> int:
-        return max(len(s.ops) for s in self.stages)
+        return max(len(layer.ops) for layer in self.layers)
+
+    @property
+    def searchable_identity(self) -> tuple[int, ...]:
+        """Layers where identity competes with ops: free depth, which the BN indicator cannot score."""
+        return tuple(layer.index for layer in self.layers
+                     if layer.free and layer.identity_choice is not None and layer.allowed[layer.identity_choice])
 
     @property
     def size(self) -> int:
@@ -129,6 +165,9 @@ class SearchSpace:
         for st in d["stages"]:
             st["ops"] = list(st["ops"])
         d["stem"] = [dict(s) for s in d["stem"]]
+        d["identity_layers"] = list(d["identity_layers"])
+        if not d["identity_layers"]:
+            d.pop("identity_layers")  # spaces without fixed depth keep the fingerprint they had
         return d
 
     @property
@@ -140,7 +179,10 @@ class SearchSpace:
 
     # ------------------------------------------------------------------ architectures
     def validate(self, arch: Sequence[int]) -> Arch:
-        """Return ``arch`` as a tuple of ints or raise ArchitectureError saying why."""
+        """Return ``arch`` as a tuple of ints or raise ArchitectureError saying why.
+
+        -1 (the authors' identity) is read as the layer's identity choice.
+        """
         layers = self.layers
         try:
             arch = tuple(int(a) for a in arch)
@@ -149,7 +191,13 @@ class SearchSpace:
         if len(arch) != len(layers):
             raise ArchitectureError(
                 f"architecture has {len(arch)} choices but space {self.name!r} has {len(layers)} layers")
+        if -1 in arch:
+            arch = tuple(self._from_authors(layer, a) for layer, a in zip(layers, arch))
         for layer, a in zip(layers, arch):
+            if layer.fixed_identity and a != layer.identity_choice:
+                raise ArchitectureError(
+                    f"layer {layer.index} is fixed to identity in space {self.name!r} (choice "
+                    f"{layer.identity_choice} or -1), got {a}")
             if not 0 <= a < len(layer.ops):
                 raise ArchitectureError(
                     f"layer {layer.index}: choice {a} is out of range 0..{len(layer.ops) - 1} ({', '.join(layer.ops)})")
@@ -158,12 +206,26 @@ class SearchSpace:
                     f"layer {layer.index}: {layer.ops[a]!r} is not allowed there (first layer of stage {layer.stage})")
         return arch
 
+    def _from_authors(self, layer: Layer, a: int) -> int:
+        if a != -1:
+            return a
+        k = layer.identity_choice
+        if k is None or not layer.allowed[k]:
+            raise ArchitectureError(f"layer {layer.index}: -1 (identity) is not allowed there "
+                                    f"({'first layer of stage %d' % layer.stage if k is not None else 'no identity in its ops'})")
+        return k
+
+    def authors_arch(self, arch: Sequence[int]) -> list[int]:
+        """``arch`` in the authors' format: the same choices, -1 where the op is identity."""
+        return [-1 if layer.ops[a] == IDENTITY else a for layer, a in zip(self.layers, self.validate(arch))]
+
     def op_names(self, arch: Sequence[int]) -> list[str]:
         return [layer.ops[a] for layer, a in zip(self.layers, self.validate(arch))]
 
     def arch_to_json(self, arch: Sequence[int]) -> str:
         return json.dumps({"space": self.name, "fingerprint": self.fingerprint,
-                           "arch": list(self.validate(arch)), "ops": self.op_names(arch)}, indent=1)
+                           "arch": list(self.validate(arch)), "arch_authors": self.authors_arch(arch),
+                           "ops": self.op_names(arch)}, indent=1)
 
     def arch_from_json(self, text: str) -> Arch:
         try:
@@ -209,6 +271,16 @@ def _check_definition(space: SearchSpace) -> None:
             fail(f"stage {i}: duplicate candidate ops")
         if st.depth == 1 and all(op == IDENTITY for op in st.ops) and not st.identity_first:
             fail(f"stage {i}: its only layer allows no op")
+    n = sum(st.depth for st in space.stages)
+    firsts = {sum(st.depth for st in space.stages[:i]): i for i, st in enumerate(space.stages)}
+    if len(set(space.identity_layers)) != len(space.identity_layers):
+        fail(f"identity_layers {list(space.identity_layers)} lists a layer twice")
+    for l in space.identity_layers:
+        if not isinstance(l, int) or not 0 <= l < n:
+            fail(f"identity_layers: {l!r} is not a layer index 0..{n - 1}")
+        if l in firsts and not space.stages[firsts[l]].identity_first:
+            fail(f"identity_layers: layer {l} is the first layer of stage {firsts[l]}, which changes "
+                 "the shape, so it cannot be identity")
 
 
 ACTIVATIONS = ("relu", "relu6")
@@ -230,7 +302,7 @@ def list_spaces() -> list[str]:
 
 
 def space_from_dict(d: dict, *, source: str = "space") -> SearchSpace:
-    known = {"name", "input_size", "in_channels", "num_classes", "stem", "stages", "head"}
+    known = {"name", "input_size", "in_channels", "num_classes", "stem", "stages", "head", "identity_layers"}
     if set(d) - known:
         raise SpaceError(f"{source}: unknown key {sorted(set(d) - known)[0]!r}; known keys: {', '.join(sorted(known))}")
     try:
@@ -243,6 +315,7 @@ def space_from_dict(d: dict, *, source: str = "space") -> SearchSpace:
             stem=tuple(StemLayer(**s) for s in d.pop("stem", [])),
             stages=tuple(Stage(**{**s, "ops": tuple(s["ops"])}) for s in d.pop("stages")),
             head=Head(**d.pop("head")),
+            identity_layers=tuple(int(l) for l in d.pop("identity_layers", ()) or ()),
         )
     except SpaceError:
         raise

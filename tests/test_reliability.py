@@ -50,8 +50,9 @@ num_classes: 4
 stem:
   - {type: conv, out: 8, kernel: 3, stride: 1}
 stages:
-  - {channels: 16, depth: 2, stride: 2, ops: [mbconv_k3_e3, mbconv_k5_e3, identity]}
-  - {channels: 24, depth: 2, stride: 2, ops: [mbconv_k3_e3, mbconv_k5_e3, identity]}
+  - {channels: 16, depth: 2, stride: 2, ops: [mbconv_k3_e3, mbconv_k5_e3, mbconv_k7_e3]}
+  - {channels: 24, depth: 2, stride: 2, ops: [mbconv_k3_e3, mbconv_k5_e3, mbconv_k7_e3]}
+identity_layers: [1]
 head: {channels: 32}
 """
 
@@ -542,8 +543,8 @@ def test_op_without_trailing_bn_at_cli(tmp_path, capsys):
     try:
         run_dir = _make_run(tmp_path, SMALL)
         space = tmp_path / "nobn.yaml"
-        space.write_text(TINY_SPACE.replace("mbconv_k5_e3, identity]}\n  - {channels: 24",
-                                            "test_no_trailing_bn, identity]}\n  - {channels: 24"))
+        space.write_text(TINY_SPACE.replace("mbconv_k5_e3, mbconv_k7_e3]}\n  - {channels: 24",
+                                            "test_no_trailing_bn, mbconv_k7_e3]}\n  - {channels: 24"))
         _fails(run_dir, [*_sets(SMALL), "--set", f"space.name={space}", "--stages", "supernet", "--force"],
                "op 'test_no_trailing_bn' does not end in an affine BatchNorm2d", capsys)
     finally:

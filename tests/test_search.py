@@ -21,6 +21,7 @@ from pipeline.budgets import allowed_mask, load_latency_table, make_budgets
 from pipeline.search import (AccIndicator, BNIndicator, INDICATORS, ScorerPool, SearchHooks, evolve, exact_search,
                              register_indicator, run_search)
 from pipeline.storage import RunDir
+from search_spaces import space_from_dict as ss_space_from_dict
 from search_spaces import (Supernet, arch_scores, bn_indicator, build_subnet, cost_tables, get_space,
                            subnet_state_from_supernet)
 
@@ -120,7 +121,7 @@ def random_table(space, seed):
 # ================================================================== 1. exact == brute force
 
 def test_exact_solver_matches_brute_force(tmp_path):
-    space = get_space("mobilenet_small")  # 7 layers x 7 choices: 518k architectures
+    space = get_space("mobilenet_small")  # 6 free layers x 6 ops (layer 1 fixed): 46,656 architectures
     ct = cost_tables(space)
     fmin, fmax = ct.fixed_flops + np.nanmin(ct.flops, 1).sum(), ct.fixed_flops + np.nanmax(ct.flops, 1).sum()
     pmin, pmax = ct.fixed_params + np.nanmin(ct.params, 1).sum(), ct.fixed_params + np.nanmax(ct.params, 1).sum()
@@ -155,7 +156,7 @@ def test_exact_solver_matches_brute_force(tmp_path):
 
 
 def test_exact_solver_on_ties_and_224_spaces():
-    # An untrained supernet: every op scores 1.0 (gamma init), identity 0 -> massive ties.
+    # An untrained supernet: every op scores 1.0 (gamma init), the 4 fixed identities 0 -> massive ties.
     space = get_space("bnnas_mobilenet")
     allowed = allowed_mask(space)
     table = np.where(allowed, 1.0, np.nan)
@@ -164,7 +165,7 @@ def test_exact_solver_on_ties_and_224_spaces():
     t0 = time.perf_counter()
     got = exact_search(table, budgets, 3)
     assert time.perf_counter() - t0 < 1.0
-    assert [s for s, _ in got] == [21.0, 21.0, 21.0] and len({a for _, a in got}) == 3
+    assert [s for s, _ in got] == [17.0, 17.0, 17.0] and len({a for _, a in got}) == 3
     for name, budget in [("spos_shufflenet", 330e6), ("bnnas_mobilenet", 475e6), ("fairnas_mobilenet", 330e6)]:
         space = get_space(name)
         budgets = make_budgets(SearchConfig(max_flops=budget, min_flops=0.9 * budget), space)
@@ -182,12 +183,13 @@ def test_evolution_reaches_exact_on_enumerable_space(ray_local, tmp_path):
         "name: tiny\ninput_size: 16\nin_channels: 3\nnum_classes: 4\n"
         "stem: [{type: conv, out: 8, kernel: 3, stride: 1}]\n"
         "stages:\n"
-        "  - {channels: 8, depth: 3, stride: 1, ops: [mbconv_k3_e3, mbconv_k5_e3, identity]}\n"
-        "  - {channels: 16, depth: 3, stride: 2, ops: [mbconv_k3_e3, mbconv_k5_e3, identity]}\n"
+        "  - {channels: 8, depth: 3, stride: 1, ops: [mbconv_k3_e3, mbconv_k5_e3, mbconv_k7_e3]}\n"
+        "  - {channels: 16, depth: 3, stride: 2, ops: [mbconv_k3_e3, mbconv_k5_e3, mbconv_k7_e3]}\n"
+        "identity_layers: [2]\n"
         "head: {channels: 32}\n")
     cfg = make_cfg(tmp_path, space=str(yaml_path), method="both", max_flops=0, top_n=3, num_actors=1)
     space = data_space(cfg)
-    assert space.size == 324
+    assert space.size == 243
     ct = cost_tables(space)
     cfg.search.max_flops = float(ct.fixed_flops + np.nanmean(ct.flops, 1).sum())
     run = RunDir(cfg.run_dir)
@@ -254,6 +256,100 @@ def test_evolution_reaches_exact_or_reports_gap(both_run, small_model):
     assert 80 <= result["n_scored"] <= 16 * 5 + 4
 
 
+# ================================================================== 1b. fixed depth (issue 13)
+
+def _small_evolution_config(**kw):
+    return SearchConfig(population=30, generations=6, parents=8, mutations=12, crossovers=12, **kw)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bn_search_on_bnnas_space_keeps_the_authors_depth(seed):
+    # Any indicator table: every top-N architecture, exact and evolution, has identity
+    # exactly at layers 1, 5, 6, 9 (the authors' fixed depth), an MBConv op elsewhere.
+    space = get_space("bnnas_mobilenet")
+    table = random_table(space, seed)
+    q = _small_evolution_config(max_flops=475e6, top_n=5)
+    budgets = make_budgets(q, space)
+    exact = [a for _, a in exact_search(table, budgets, q.top_n)]
+    records = evolve(budgets, lambda archs: arch_scores(table, archs), q, seed, progress=lambda s: None)
+    evolved = [r.arch for r in sorted(records, key=lambda r: -r.score)[:q.top_n]]
+    assert len(exact) == len(evolved) == 5
+    for arch in exact + evolved + [r.arch for r in records]:
+        identity = [l for l, op in enumerate(space.op_names(arch)) if op == "identity"]
+        assert identity == [1, 5, 6, 9]
+        assert [a for a in space.authors_arch(arch) if a == -1] == [-1] * 4
+    assert budgets.within(np.array(exact + evolved)).all()
+
+
+def test_evolution_spends_no_draws_on_fixed_layers():
+    # mobilenet_small fixes layer 1 to identity; the same space without that layer (stage 0
+    # one layer deep) costs the same for every architecture. Evolution with the same seed
+    # must make the same draws and so find the same architectures, layer 1 aside.
+    full = get_space("mobilenet_small")
+    d = full.to_dict()
+    d.pop("identity_layers")
+    d["stages"][0]["depth"] = 1
+    reduced = ss_space_from_dict(d)
+    t_full = random_table(full, 5)
+    t_red = np.delete(t_full, 1, axis=0)[:, :6]
+    ct = cost_tables(full)
+    fmin, fmax = ct.fixed_flops + np.nanmin(ct.flops, 1).sum(), ct.fixed_flops + np.nanmax(ct.flops, 1).sum()
+    for q in (_small_evolution_config(max_flops=fmin + 0.4 * (fmax - fmin), top_n=3),  # loose: uniform draws
+              _small_evolution_config(max_flops=fmin + 0.03 * (fmax - fmin))):  # tight: budget-guided draws
+        b_full, b_red = make_budgets(q, full), make_budgets(q, reduced)
+        assert b_full.costs(np.array([[0, 6, 1, 2, 3, 4, 5]])) == b_red.costs(np.array([[0, 1, 2, 3, 4, 5]]))
+        r_full = evolve(b_full, lambda a: arch_scores(t_full, a), q, 11, progress=lambda s: None)
+        r_red = evolve(b_red, lambda a: arch_scores(t_red, a), q, 11, progress=lambda s: None)
+        assert len(r_full) == len(r_red) > 20
+        assert [r.arch[:1] + r.arch[2:] for r in r_full] == [r.arch for r in r_red]
+        assert all(r.arch[1] == 6 for r in r_full)
+        assert [r.source for r in r_full] == [r.source for r in r_red]
+        np.testing.assert_allclose([r.score for r in r_full], [r.score + t_full[1, 6] for r in r_red])
+        # The exact solver honours the fixed layer the same way.
+        e_full, e_red = exact_search(t_full, b_full, 3), exact_search(t_red, b_red, 3)
+        assert [a[:1] + a[2:] for _, a in e_full] == [a for _, a in e_red]
+
+
+FREE_DEPTH_SPACE = ("name: free_depth\ninput_size: 16\nin_channels: 3\nnum_classes: 4\n"
+                    "stem: [{type: conv, out: 8, kernel: 3, stride: 1}]\n"
+                    "stages:\n  - {channels: 8, depth: 3, stride: 1, ops: [mbconv_k3_e3, identity]}\n"
+                    "head: {channels: 16}\n")
+
+
+def test_bn_indicator_refuses_a_free_depth_space(tmp_path, capsys):
+    from pipeline.run import main
+
+    space = tmp_path / "free.yaml"
+    space.write_text(FREE_DEPTH_SPACE)
+    run_dir = tmp_path / "run"
+    argv = ["--run-dir", str(run_dir), "--set", f"space.name={space}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("bnnas: error: search.indicator=bn cannot score identity")
+    assert "space 'free_depth' lets it compete with ops at layer(s) 1, 2" in err
+    assert "fix the depth (identity_layers" in err and "search.indicator=acc" in err
+    assert "search.identity_scores_zero=true" in err
+    assert not run_dir.exists()  # nothing written
+    # The same check guards stage 2 when it is called on its own.
+    cfg = make_cfg(tmp_path, space=str(space))
+    run = RunDir(cfg.run_dir)
+    write_supernet(run, trained_like_supernet(data_space(cfg)))
+    with pytest.raises(PipelineError, match="cannot score identity"):
+        run_search(cfg, run, progress=lambda s: None)
+    assert not run.exists("search/scored.parquet")
+
+
+@pytest.mark.parametrize("override", ["search.indicator=acc", "search.identity_scores_zero=true"])
+def test_free_depth_is_accepted_under_acc_or_the_explicit_opt_in(tmp_path, override):
+    from pipeline.run import build_config, parse_args
+
+    space = tmp_path / "free.yaml"
+    space.write_text(FREE_DEPTH_SPACE)
+    cfg = build_config(parse_args(["--run-dir", str(tmp_path / "run"), "--set", f"space.name={space}",
+                                   "--set", override]))
+    assert cfg.space.name == str(space)
+
+
 # ================================================================== 2. actors in parallel
 
 def test_actors_run_in_parallel_and_match_single_process(ray_local, tmp_path, small_model):
@@ -296,7 +392,7 @@ def test_acc_indicator_matches_hand_computed_accuracy(tmp_path, small_model):
     cfg = make_cfg(tmp_path, indicator="acc", calib_batches=3, val_batches=2)
     space = small_model.space
     splits = build_datasets(cfg.data, seed=cfg.seed)
-    arch = space.validate([1, 6, 3, 5, 4, 6, 2])
+    arch = space.validate([1, 6, 3, 5, 4, 0, 2])
     payload = AccIndicator.prepare(cfg=cfg, space=space, checkpoint={"model": small_model.state_dict()},
                                    splits=splits)
 
@@ -339,12 +435,12 @@ def test_infeasible_budget_names_cheapest_cost(tmp_path, small_model):
     ct = cost_tables(space)
     cheapest = ct.fixed_flops + np.nanmin(ct.flops, 1).sum()
     dearest_params = ct.fixed_params + np.nanmax(ct.params, 1).sum()
-    assert 7e5 < cheapest < 8e5  # 742K at 16 px
+    assert 1.0e6 < cheapest < 1.1e6  # 1.07M at 16 px (layer 1 fixed to identity, the rest an op)
     cfg, run = setup_run(tmp_path, small_model, max_flops=5e5)
     with pytest.raises(PipelineError) as e:
         run_search(cfg, run, progress=lambda s: None)
     assert str(e.value) == (f"search.max_flops=500K is below the cheapest architecture in mobilenet_small "
-                            f"({cheapest / 1e3:.4g}K multiply-adds); raise it")
+                            f"({cheapest / 1e6:.4g}M multiply-adds); raise it")
 
     cfg.search.max_flops, cfg.search.min_params = 0.0, dearest_params * 1.1
     with pytest.raises(PipelineError, match=r"search.min_params=.* is above the most expensive architecture "
@@ -480,7 +576,10 @@ def test_outputs_and_rerun_returns_saved_result(both_run, small_model):
     space = small_model.space
     max_params, max_latency = budgets["max_params"], budgets["max_latency"]
     scored = run.read_parquet("search/scored.parquet")
-    assert list(scored.columns) == ["arch", "ops", "score", "flops", "params", "latency", "source", "generation"]
+    assert list(scored.columns) == ["arch", "arch_authors", "ops", "score", "flops", "params", "latency", "source",
+                                    "generation"]
+    assert all(list(b) == space.authors_arch(a) for a, b in zip(scored.arch, scored.arch_authors))
+    assert all(b[1] == -1 for b in scored.arch_authors)  # mobilenet_small's fixed identity, as -1
     assert set(scored.source) <= {"random", "mutation", "crossover", "exact"}
     assert (scored.generation[scored.source == "exact"] == -1).all()
     assert sorted(set(scored.generation[scored.source != "exact"])) == [0, 1, 2, 3, 4]
@@ -492,7 +591,8 @@ def test_outputs_and_rerun_returns_saved_result(both_run, small_model):
     assert (scored.flops <= budgets["max_flops"]).all()
 
     top = run.read_parquet("search/topn.parquet")
-    assert list(top.columns) == ["rank", "arch", "ops", "score", "flops", "params", "latency", "source"]
+    assert list(top.columns) == ["rank", "arch", "arch_authors", "ops", "score", "flops", "params", "latency",
+                                 "source"]
     assert list(top["rank"]) == [1, 2, 3, 4] and list(top.source) == ["exact"] * 4
     assert list(top.score) == sorted(top.score, reverse=True)
     assert [list(map(int, a)) for a in top.arch] == result["topn"]

@@ -35,13 +35,18 @@ def supernets():
 
 # ----------------------------------------------------------------- published numbers
 
+BNNAS_PAPER = [3, -1, 0, 4, 0, -1, -1, 0, 4, -1, 4, 4, 1, 4, 2, 0, 0, 4, 0, 2, 2]  # authors' format
+
+
 def test_bnnas_published_architecture_costs():
     space = get_space("bnnas_mobilenet")
-    paper = [3, -1, 0, 4, 0, -1, -1, 0, 4, -1, 4, 4, 1, 4, 2, 0, 0, 4, 0, 2, 2]
-    arch = [space.layers[0].ops.index("identity") if a == -1 else a for a in paper]
-    flops, params = cost_tables(space).cost(space.validate(arch))
-    assert abs(flops / 473.5e6 - 1) < 0.015, flops
+    arch = space.validate(BNNAS_PAPER)  # the authors' -1 is read as identity
+    assert space.authors_arch(arch) == BNNAS_PAPER
+    assert [space.op_names(arch)[l] for l in (1, 5, 6, 9)] == ["identity"] * 4
+    flops, params = cost_tables(space).cost(arch)
+    assert abs(flops / 473.5e6 - 1) < 0.015, flops  # the paper's 473.5M / 5.2M
     assert abs(params / 5.2e6 - 1) < 0.015, params
+    assert (round(flops / 1e5), round(params / 1e4)) == (4718, 523)  # 471.8M / 5.23M, as before
 
 
 def test_spos_published_architecture_costs():
@@ -57,19 +62,35 @@ def test_spos_published_architecture_costs():
 
 
 @pytest.mark.parametrize("name,layers,choices", [
-    ("spos_shufflenet", 20, 4), ("bnnas_mobilenet", 21, 7), ("fairnas_mobilenet", 19, 6)])
+    ("spos_shufflenet", 20, 4), ("bnnas_mobilenet", 21, 7), ("fairnas_mobilenet", 19, 6)])  # 6 ops + fixed identity
 def test_published_space_shapes(name, layers, choices):
     space = get_space(name)
     assert (space.num_layers, space.num_choices, space.input_size) == (layers, choices, 224)
 
 
-def test_bnnas_identity_forbidden_in_first_layer_of_each_stage():
+def test_bnnas_fixed_depth_as_the_authors():
+    # BNNAS/supernet/train.py and search/ea.py: layers 1, 5, 6, 9 are -1 in every path and
+    # candidate; every other layer draws one of the 6 MBConv ops.
     space = get_space("bnnas_mobilenet")
-    firsts = {layer.index for layer in space.layers if layer.index == 0 or
-              space.layers[layer.index - 1].stage != layer.stage}
-    assert firsts == {0, 4, 8, 12, 16, 20}
+    assert space.identity_layers == (1, 5, 6, 9) and space.searchable_identity == ()
     for layer in space.layers:
-        assert layer.allowed[6] == (layer.index not in firsts)
+        if layer.index in (1, 5, 6, 9):
+            assert layer.fixed_identity and not layer.free and layer.ops[layer.identity_choice] == "identity"
+        else:
+            assert layer.free and sum(layer.allowed) == 6 and "identity" not in layer.ops
+    assert space.size == 6 ** 17
+
+
+@pytest.mark.parametrize("name", SPACES)
+def test_no_builtin_space_lets_identity_compete(name):
+    # The BN indicator cannot score identity: every built-in space has fixed depth.
+    assert get_space(name).searchable_identity == ()
+
+
+def test_mobilenet_small_fixed_depth():
+    space = get_space("mobilenet_small")
+    assert space.identity_layers == (1,) and space.size == 6 ** 6
+    assert [layer.fixed_identity for layer in space.layers] == [False, True] + [False] * 5
 
 
 # ----------------------------------------------------------------- every built-in space
@@ -196,6 +217,7 @@ def test_yaml_space_round_trip(tmp_path):
     base = get_space("mobilenet_small")
     d = base.to_dict()
     d["name"] = "my_space"
+    assert d.pop("identity_layers") == [1]  # the YAML key; without it, layer 1 is a stage's first
     d["stages"][0]["depth"] = 1
     p = tmp_path / "space.yaml"
     p.write_text(yaml.safe_dump(d))
@@ -231,19 +253,50 @@ def test_arch_wrong_length(mob):
 
 
 def test_arch_index_out_of_range(mob):
-    with pytest.raises(ArchitectureError, match=r"layer 2: choice 9 is out of range 0\.\.6"):
-        mob.validate([0, 0, 9, 0, 0, 0, 0])
+    with pytest.raises(ArchitectureError, match=r"layer 2: choice 9 is out of range 0\.\.5"):
+        mob.validate([0, 6, 9, 0, 0, 0, 0])
 
 
-def test_arch_identity_forbidden(mob):
+def test_arch_fixed_identity_layer(mob):
+    assert mob.validate([0, -1, 0, 0, 0, 0, 0]) == mob.validate([0, 6, 0, 0, 0, 0, 0]) == (0, 6, 0, 0, 0, 0, 0)
+    with pytest.raises(ArchitectureError, match="layer 1 is fixed to identity in space 'mobilenet_small' "
+                                                r"\(choice 6 or -1\), got 0"):
+        mob.validate([0, 0, 0, 0, 0, 0, 0])
+    with pytest.raises(ArchitectureError, match=r"layer 0: -1 \(identity\) is not allowed there \(no identity"):
+        mob.validate([-1, 6, 0, 0, 0, 0, 0])
+
+
+def test_arch_identity_forbidden_in_first_layer_of_a_stage(mob):
+    d = mob.to_dict()
+    d.pop("identity_layers")
+    for st in d["stages"]:
+        st["ops"] = ["mbconv_k3_e3", "identity"]  # free depth: identity a choice where the shape allows
+    free = ss.space_from_dict(d)
+    assert free.searchable_identity == (1, 3, 5)
     with pytest.raises(ArchitectureError, match="layer 0: 'identity' is not allowed"):
-        mob.validate([6, 0, 0, 0, 0, 0, 0])
+        free.validate([1, 0, 0, 0, 0, 0, 0])
+    with pytest.raises(ArchitectureError, match=r"layer 2: -1 \(identity\) is not allowed there \(first layer of stage 1"):
+        free.validate([0, 0, -1, 0, 0, 0, 0])
+    assert free.authors_arch(free.validate([0, -1, 0, 1, 0, 0, 0])) == [0, -1, 0, -1, 0, 0, 0]
+
+
+@pytest.mark.parametrize("layers,message", [
+    ([7], r"identity_layers: 7 is not a layer index 0\.\.6"),
+    ([1, 1], "lists a layer twice"),
+    ([2], "layer 2 is the first layer of stage 1, which changes the shape"),
+])
+def test_identity_layers_checked(mob, layers, message):
+    d = mob.to_dict()
+    d["identity_layers"] = layers
+    with pytest.raises(SpaceError, match=message):
+        ss.space_from_dict(d)
 
 
 def test_arch_json_round_trip_and_other_space(mob):
-    arch = (1, 6, 2, 6, 3, 6, 5)
+    arch = (1, 6, 2, 0, 3, 4, 5)
     text = mob.arch_to_json(arch)
     assert json.loads(text)["fingerprint"] == mob.fingerprint
+    assert json.loads(text)["arch_authors"] == [1, -1, 2, 0, 3, 4, 5]
     assert mob.arch_from_json(text) == arch
     other = get_space("shufflenet_small")
     with pytest.raises(ArchitectureError, match="is for space 'mobilenet_small'.*not 'shufflenet_small'"):

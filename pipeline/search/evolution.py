@@ -34,22 +34,42 @@ class Record:
 
 
 class Sampler:
-    """Seeded candidate generation; every candidate is valid, within budget and unseen."""
+    """Seeded candidate generation; every candidate is valid, within budget and unseen.
+
+    Only the free layers (more than one allowed choice) draw: a layer fixed to one
+    choice (identity, in a fixed-depth space) is filled in, and mutation, crossover and
+    random draws spend nothing on it. So a search over a space with fixed layers makes
+    exactly the draws, and finds exactly the architectures, of the same search over
+    the space with those layers removed.
+    """
 
     def __init__(self, budgets: Budgets, rng: np.random.Generator):
         self.budgets, self.rng = budgets, rng
         allowed = budgets.allowed
-        self.n_allowed = allowed.sum(1)
-        # choice_of[l, j]: the j-th allowed choice of layer l.
-        self.choice_of = np.zeros(allowed.shape, dtype=np.int64)
-        for l, row in enumerate(allowed):
-            ks = np.flatnonzero(row)
-            self.choice_of[l, :len(ks)] = ks
+        n_allowed = allowed.sum(1)
+        self.free = np.flatnonzero(n_allowed > 1)
+        self.n_free = n_allowed[self.free]
+        # choice_of[i, j]: the j-th allowed choice of the i-th free layer.
+        self.choice_of = np.zeros((len(self.free), allowed.shape[1]), dtype=np.int64)
+        for i, l in enumerate(self.free):
+            ks = np.flatnonzero(allowed[l])
+            self.choice_of[i, :len(ks)] = ks
+        # Every layer's only (or first) allowed choice: what the fixed layers hold.
+        self.base = allowed.argmax(1).astype(np.int64)
         self.draws = 0
 
+    def _full(self, free_part: np.ndarray) -> np.ndarray:
+        """[n x free layers] choices -> [n x layers] architectures, fixed layers filled in."""
+        out = np.broadcast_to(self.base, (len(free_part), len(self.base))).copy()
+        out[:, self.free] = free_part
+        return out
+
+    def _uniform_free(self, n: int) -> np.ndarray:
+        j = (self.rng.random((n, len(self.free))) * self.n_free).astype(np.int64)
+        return self.choice_of[np.arange(len(self.free)), j]
+
     def _uniform(self, n: int) -> np.ndarray:
-        j = (self.rng.random((n, len(self.n_allowed))) * self.n_allowed).astype(np.int64)
-        return self.choice_of[np.arange(len(self.n_allowed)), j]
+        return self._full(self._uniform_free(n))
 
     def _keep(self, cands: np.ndarray, seen: set, out: list, want: int) -> None:
         for a in cands[self.budgets.within(cands)].tolist():
@@ -61,20 +81,23 @@ class Sampler:
                     return
 
     def _guided(self, n: int) -> np.ndarray:
-        """Architectures drawn layer by layer (in a random layer order) among the choices
-        that still leave every budget reachable with the unassigned layers. Not uniform
-        over the feasible set, but it finds architectures under budgets so tight that
-        uniform draws almost never fit (e.g. 280M in spos_shufflenet, cheapest 270M)."""
+        """Architectures drawn layer by layer (in a random order of the free layers) among
+        the choices that still leave every budget reachable with the unassigned layers.
+        Not uniform over the feasible set, but it finds architectures under budgets so
+        tight that uniform draws almost never fit (e.g. 280M in spos_shufflenet, cheapest
+        270M)."""
         allowed = self.budgets.allowed
         L, K = allowed.shape
         active = self.budgets.active
         tables = [np.nan_to_num(c.table) for c in active]
-        rest_min = [float(np.nanmin(c.table, 1).sum()) for c in active]
-        rest_max = [float(np.nanmax(c.table, 1).sum()) for c in active]
-        spent = [np.full(n, c.fixed) for c in active]
-        archs = np.zeros((n, L), dtype=np.int64)
+        fixed = np.setdiff1d(np.arange(L), self.free)
+        # The fixed layers cost what their one choice costs, in every candidate.
+        spent = [np.full(n, c.fixed + float(t[fixed, self.base[fixed]].sum())) for c, t in zip(active, tables)]
+        rest_min = [float(np.nanmin(c.table[self.free], 1).sum()) for c in active]
+        rest_max = [float(np.nanmax(c.table[self.free], 1).sum()) for c in active]
+        archs = np.broadcast_to(self.base, (n, L)).copy()
         ok = np.ones(n, dtype=bool)
-        for l in self.rng.permutation(L):
+        for l in self.rng.permutation(self.free):
             feasible = np.broadcast_to(allowed[l], (n, K)).copy()
             for i, c in enumerate(active):
                 rest_min[i] -= float(np.nanmin(c.table[l]))
@@ -89,7 +112,7 @@ class Sampler:
             # Uniform among the feasible choices: the r-th True of each row.
             r = (self.rng.random(n) * np.maximum(count, 1)).astype(np.int64)
             k = (np.cumsum(feasible, 1) > r[:, None]).argmax(1)
-            archs[:, l] = np.where(count > 0, k, self.choice_of[l, 0])
+            archs[:, l] = np.where(count > 0, k, self.base[l])
             for i in range(len(active)):
                 spent[i] += tables[i][l][archs[:, l]]
         return archs[ok]
@@ -118,9 +141,9 @@ class Sampler:
             if len(out) == want or not parents:
                 break
             n = max(2 * want, 16)
-            base = np.array(parents)[self.rng.integers(len(parents), size=n)]
+            base = np.array(parents)[self.rng.integers(len(parents), size=n)][:, self.free]
             flip = self.rng.random(base.shape) < prob
-            cands = np.where(flip, self._uniform(n), base)
+            cands = self._full(np.where(flip, self._uniform_free(n), base))
             self._keep(cands, seen, out, want)
         return out
 
@@ -132,10 +155,10 @@ class Sampler:
             if len(out) == want:
                 break
             n = max(2 * want, 16)
-            p = np.array(parents)
+            p = np.array(parents)[:, self.free]
             pick = np.stack([self.rng.choice(len(parents), size=2, replace=False) for _ in range(n)])
             mask = self.rng.random((n, p.shape[1])) < 0.5
-            cands = np.where(mask, p[pick[:, 0]], p[pick[:, 1]])
+            cands = self._full(np.where(mask, p[pick[:, 0]], p[pick[:, 1]]))
             self._keep(cands, seen, out, want)
         return out
 

@@ -23,7 +23,7 @@ from search_spaces import SearchSpace, Supernet, arch_scores, bn_indicator, spac
 
 from ..budgets import check_table
 from ..common import PipelineError
-from ..config import Config
+from ..config import Config, SearchConfig
 from ..data import Splits, make_loader
 
 
@@ -42,11 +42,16 @@ class Indicator:
       reproducible and a dead actor's batch safely rescorable.
     - ``additive = True`` promises score = sum over layers of ``self.table[l, arch[l]]``;
       the exact solver then applies.
+    - ``check_space`` refuses a space the indicator cannot score, before anything runs.
     """
 
     name: str = ""
     additive: bool = False
     table: Optional[np.ndarray] = None  # [layers x choices], additive indicators only
+
+    @classmethod
+    def check_space(cls, space: SearchSpace, q: SearchConfig) -> None:
+        """Raise PipelineError when this indicator cannot rank ``space``'s choices."""
 
     @classmethod
     def prepare(cls, *, cfg: Config, space: SearchSpace, checkpoint: dict, splits: Splits) -> dict:
@@ -82,6 +87,18 @@ class BNIndicator(Indicator):
 
     name = "bn"
     additive = True
+
+    @classmethod
+    def check_space(cls, space, q):
+        # Identity has no BN, so its "score" would be a constant 0 against ~1 for every op:
+        # the sum would count non-identity layers, not compare ops. The authors fix depth.
+        layers = space.searchable_identity
+        if layers and not q.identity_scores_zero:
+            raise PipelineError(
+                f"search.indicator=bn cannot score identity (it has no BatchNorm), and space {space.name!r} "
+                f"lets it compete with ops at layer(s) {', '.join(map(str, layers))}: fix the depth "
+                "(identity_layers in the space, as the built-in spaces do) or use search.indicator=acc; "
+                "search.identity_scores_zero=true searches it anyway, identity scoring 0")
 
     @classmethod
     def prepare(cls, *, cfg, space, checkpoint, splits):

@@ -70,6 +70,7 @@ def run_search(cfg: Config, run: RunDir, progress: Progress = print, *,
     except DataError as e:
         raise PipelineError(str(e)) from None
     space = checked_space(cfg, ckpt, splits)
+    indicator_cls.check_space(space, q)
     budgets = make_budgets(q, space)
     budgets.check_feasible()
     progress(f"search: {space.name} ({space.num_layers} layers x {space.num_choices} choices, "
@@ -276,12 +277,13 @@ def _compare(exact_best: Optional[Record], evo_best: Optional[Record], progress:
 
 def _rows(space: SearchSpace, budgets: Budgets, records: list[Record]) -> pd.DataFrame:
     if not records:
-        return pd.DataFrame(columns=["arch", "ops", "score", *[c.name for c in budgets.constraints],
+        return pd.DataFrame(columns=["arch", "arch_authors", "ops", "score", *[c.name for c in budgets.constraints],
                                      "source", "generation"])
     archs = np.array([r.arch for r in records], dtype=np.int64)
     costs = budgets.costs(archs)
     return pd.DataFrame({
         "arch": [list(r.arch) for r in records],
+        "arch_authors": [space.authors_arch(r.arch) for r in records],  # -1 = identity
         "ops": [",".join(space.op_names(r.arch)) for r in records],
         "score": [r.score for r in records],
         **{c.name: costs[c.name] for c in budgets.constraints},
@@ -314,7 +316,8 @@ def _summary(row: Optional[Record], budgets: Budgets, space: SearchSpace) -> Opt
     if row is None:
         return None
     costs = budgets.costs(np.array([row.arch]))
-    return {"arch": list(row.arch), "ops": space.op_names(row.arch), "score": row.score,
+    return {"arch": list(row.arch), "arch_authors": space.authors_arch(row.arch), "ops": space.op_names(row.arch),
+            "score": row.score,
             **{c.name: float(costs[c.name][0]) for c in budgets.constraints}, "source": row.source}
 
 
@@ -326,4 +329,4 @@ def _show_top(top_df: pd.DataFrame, budgets: Budgets, source: str, n_scored: int
             show[c.name] = [human(v) for v in show[c.name]]
     with pd.option_context("display.max_colwidth", 120, "display.width", 200):
         progress(f"search: top {len(show)} ({source}), {n_scored} architectures "
-                 f"scored in {elapsed:.1f}s\n" + show.drop(columns=["arch"]).to_string(index=False))
+                 f"scored in {elapsed:.1f}s\n" + show.drop(columns=["arch", "arch_authors"]).to_string(index=False))
