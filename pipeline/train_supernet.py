@@ -109,7 +109,6 @@ class PathSampler:
         if kind not in ("uniform", "fair"):
             raise ValueError(f"unknown path sampler {kind!r}; use uniform or fair")
         self.kind, self.seed = kind, seed
-        self.num_choices = space.num_choices
         self.allowed = [np.flatnonzero(layer.allowed) for layer in space.layers]
         self.group_size = 1 if kind == "uniform" else max(len(a) for a in self.allowed)
 
