@@ -391,7 +391,7 @@ def test_killed_trial_process_resumes_from_its_checkpoint_others_unaffected(tmp_
     )
     run = RunDir(cfg.run_dir)
     run.write_parquet(retrain_mod.TOPN, pd.DataFrame({
-        "rank": [1, 2], "arch": [[0, 0, 0, 0], [1, 2, 1, 2]], "score": [2.0, 1.0]}))
+        "rank": [1, 2], "arch": [[0, 3, 0, 0], [1, 3, 1, 2]], "score": [2.0, 1.0]}))
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
