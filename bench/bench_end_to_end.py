@@ -4,7 +4,7 @@ Both sides run ``pipeline.run.main`` (Ray Train supernet, Ray-actor search, Ray 
 retraining) in this process, on one Ray instance started before any timing, each in
 its own run directory, on the default dataset (Fashion-MNIST) and space:
 
-- **BN-NAS**: the default config: ``bn_last`` supernet for E/10 epochs (at least 1),
+- **BN-NAS**: the default config: its BN-only supernet (2 seeds) for E/10 epochs (at least 1),
   BN indicator, exact solver + evolution;
 - **SPOS**: the shipped ``spos_baseline`` config: every parameter trains for E epochs,
   accuracy indicator (BN recalibration + validation), evolution.
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
               f"search.crossovers={half}", f"search.calib_batches={calib}", f"search.val_batches={valb}",
               "search.top_n=1", f"retrain.epochs={retrain_epochs}", "retrain.grace_period=1"]
     print(f"== end to end ({'full' if full else 'quick'}): {machine()}", flush=True)
-    print(f"   SPOS {e_spos} epochs (all, acc) vs BN-NAS {e_bn} (bn_last, bn); overrides: {' '.join(common)}",
+    print(f"   SPOS {e_spos} epochs (all, acc) vs BN-NAS {e_bn} (default BN-only recipe, bn); overrides: {' '.join(common)}",
           flush=True)
 
     tmp = None

@@ -55,9 +55,11 @@ MODES = ("bn_last", "bn_all", "all")
 
 def supernet_config(mode: str, epochs: int, *, fraction: float, batch_size: int = 128, seed: int = 0,
                     lr: Optional[float] = None, schedule: str = "linear", data: str = "fashion_mnist") -> Config:
-    """The pipeline's Config for one in-process supernet run (defaults elsewhere)."""
-    sc = SupernetConfig(mode=mode, epochs=epochs, batch_size=batch_size, num_workers=1,
-                        schedule="linear" if schedule == "constant" else schedule)
+    """The pipeline's Config for one in-process supernet run (the default space and recipe elsewhere)."""
+    # The pipeline's default recipe for the BN-only modes; SPOS (all) initialises every gamma at 1.
+    sc = SupernetConfig(mode=mode, epochs=epochs, batch_size=batch_size, num_workers=1, seeds=1,
+                        schedule="linear" if schedule == "constant" else schedule,
+                        **({"gamma_init": 1.0} if mode == "all" else {}))
     if lr is not None:
         sc.lr = lr
     return Config(seed=seed, data=DataConfig(name=data, fraction=fraction), supernet=sc)

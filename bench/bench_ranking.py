@@ -1,23 +1,31 @@
 """Ranking quality: Kendall's tau between supernet indicators and standalone accuracy.
 
-M architectures of mobilenet_small are sampled across its FLOPs range (equal-width
-FLOPs bins, one seeded random architecture per bin), each is trained standalone from
-scratch with the pipeline's retraining recipe (``pipeline.retrain``: SGD + Nesterov,
-cosine, label smoothing) for the same short budget, and its test accuracy is the
-ground truth. Three supernets of the same data, seed and steps are trained in-process
-with the pipeline's trainer (``bn_last``, ``bn_all``, ``all``); every supernet scores the
-M architectures with both indicators of ``pipeline.search``:
+M fixed-depth architectures of the default space (its fixed layers are identity in every
+one) are sampled across the cost range the default search sees: equal-width FLOPs bins
+from the cheapest network to ``search.max_flops``, one seeded random architecture per
+bin. Each is trained standalone from scratch with the pipeline's retraining recipe
+(``pipeline.retrain``: SGD + Nesterov, cosine, label smoothing) with ``--truth-seeds``
+seeds (init, data order, augmentation); the ground truth is the mean test accuracy over
+those seeds, and the tau between two seeds' accuracies is the **ceiling**: no indicator
+can rank the architectures better than they rank themselves.
 
-- ``bn``: the sum over layers of the ops' mean |gamma| (BN-NAS; free);
-- ``acc``: validation accuracy after BN recalibration (SPOS; costs forward passes).
+Each supernet recipe (``RECIPES``) is trained with ``--supernet-seeds`` seeds as the
+pipeline trains them (``SupernetTrainer``, the default run's steps and schedule), and
+scores the M architectures with both indicators of ``pipeline.search``:
 
-Kendall's tau-b (numpy, no scipy) between each indicator and the standalone accuracy;
-FLOPs and parameter count are listed as the trivial baselines: a sample stratified by
-FLOPs rewards any indicator that merely tracks size. The paper (Fig. 9): the BN
-indicator of a BN-only supernet ranks about as well as SPOS's accuracy indicator.
+- ``bn``: the sum over layers of the ops' mean |gamma| (BN-NAS; free), from the seeds'
+  mean table, as the search uses it;
+- ``acc``: validation accuracy after BN recalibration (SPOS; forward passes), the mean
+  over the seeds.
 
-    .venv/bin/python bench/bench_ranking.py          # quick: M=6, a few min on 2 cores, taus are noisy
-    .venv/bin/python bench/bench_ranking.py --full   # M=30, full data, longer training (~9 h on 2 cores, ~20 min on one H200)
+Kendall's tau-b against the ground truth, with a bootstrap 95% interval over the
+architectures, and paired bootstrap intervals of the difference to FLOPs (the trivial
+baseline: a sample stratified by cost rewards any indicator that merely tracks size) and
+to SPOS (``acc`` on the ``all`` supernet). Every training runs in its own process with
+one torch thread, ``--jobs`` at once, so the figures do not depend on the job count.
+
+    .venv/bin/python bench/bench_ranking.py            # CPU setting: M=20, 2+2 seeds, < 1 h on 2 idle cores
+    .venv/bin/python bench/bench_ranking.py --m 30 --fraction 1 --train-epochs 5 --jobs 16   # a bigger machine
 
 Writes bench/results/ranking.{md,csv} (taus) and ranking_archs.csv (per architecture).
 """
@@ -26,31 +34,32 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing as mp
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_rank_stability import supernet_config, train_supernet_inprocess  # noqa: E402
 from bench.bench_search import random_archs  # noqa: E402
-from bench.common import RESULTS, default_device, machine, write_table  # noqa: E402
-from pipeline.common import resolve_space  # noqa: E402
-from pipeline.config import Config, DataConfig, RetrainConfig, SearchConfig  # noqa: E402
-from pipeline.data import build_datasets, make_loader  # noqa: E402
+from bench.common import RESULTS, machine, write_table  # noqa: E402
 from pipeline.ranking import kendall_tau_b  # noqa: E402
-from pipeline.retrain import _optimizer, _steps_per_epoch, _train_epoch, evaluate  # noqa: E402
-from pipeline.schedules import cosine_schedule  # noqa: E402
-from pipeline.search import AccIndicator  # noqa: E402
-from pipeline.seeding import derive_seed  # noqa: E402
-from search_spaces import arch_scores, build_subnet, cost_tables  # noqa: E402
 
-MODES = ("bn_last", "bn_all", "all")
+# name -> (space, supernet settings, what it is). The settings not named are the
+# pipeline's defaults (1 epoch per seed, batch 128, lr 0.25 per 512, linear decay).
+RECIPES: dict[str, tuple[str, dict, str]] = {
+    "bn_last": ("mobilenet_small", {"mode": "bn_last", "gamma_init": 1.0, "train_classifier": False},
+                "the authors' code: each op's last BN, gamma from 1, frozen random classifier"),
+    "bn_all": ("mobilenet_small", {"mode": "bn_all", "gamma_init": 1.0, "train_classifier": False},
+               "the paper's text: every BN, otherwise as bn_last"),
+    "default": ("mobilenet_small_res", {},
+                "the pipeline's default (BENCHMARKS.md section 7): shortcut, every BN, gamma from 0, classifier trained"),
+    "all": ("mobilenet_small_res", {"mode": "all", "gamma_init": 1.0},
+            "SPOS: every parameter trained, the same steps as the BN-only recipes"),
+}
 
 
 def tau_null_sd(n: int) -> float:
@@ -58,18 +67,25 @@ def tau_null_sd(n: int) -> float:
     return math.sqrt(2 * (2 * n + 5) / (9 * n * (n - 1)))
 
 
-def stratified_by_flops(space, m: int, seed: int, pool: int = 20000) -> tuple[np.ndarray, np.ndarray]:
-    """m distinct architectures, one per equal-width FLOPs bin of a random pool."""
+def stratified_by_flops(space, m: int, seed: int, lo: float, hi: float,
+                        pool: int = 50000) -> tuple[np.ndarray, np.ndarray]:
+    """m distinct architectures with FLOPs in [lo, hi], one per equal-width FLOPs bin of a
+    random pool (an empty bin takes the nearest architecture not yet picked)."""
+    from search_spaces import cost_tables
+
     rng = np.random.default_rng(seed)
     cands = random_archs(space, pool, rng)
     flops, _ = cost_tables(space).costs(cands)
+    keep = (flops >= lo) & (flops <= hi)
+    cands, flops = cands[keep], flops[keep]
+    if len(np.unique(cands, axis=0)) < m:
+        raise SystemExit(f"only {len(np.unique(cands, axis=0))} distinct architectures between "
+                         f"{lo / 1e6:.2f}M and {hi / 1e6:.2f}M FLOPs; lower --m or raise --max-flops")
     edges = np.linspace(flops.min(), flops.max(), m + 1)
     picked, seen = [], set()
     for b in range(m):
-        inside = np.flatnonzero((flops >= edges[b]) & (flops <= edges[b + 1]))
-        if len(inside) == 0:  # an empty bin: the architecture nearest its centre
-            inside = np.argsort(np.abs(flops - (edges[b] + edges[b + 1]) / 2))[:50]
-        for idx in rng.permutation(inside):
+        centre = (edges[b] + edges[b + 1]) / 2
+        for idx in np.argsort(np.abs(flops - centre) + rng.uniform(0, 1e-3, len(flops))):
             key = tuple(int(v) for v in cands[idx])
             if key not in seen:
                 seen.add(key)
@@ -78,135 +94,220 @@ def stratified_by_flops(space, m: int, seed: int, pool: int = 20000) -> tuple[np
     return cands[picked], flops[picked]
 
 
-def train_standalone(space, arch, splits, cfg: Config, epochs: int, device: str = "cpu") -> dict:
-    """One architecture from scratch with the pipeline's retraining recipe; test accuracy."""
-    r = cfg.retrain
-    device = torch.device(device)
-    torch.manual_seed(derive_seed(cfg.seed, "init", 0))  # as retrain_trial seeds trial 0
-    model = build_subnet(space, tuple(int(a) for a in arch)).to(device, memory_format=torch.channels_last)
+def _config(job: dict):
+    from pipeline.config import Config, DataConfig, RetrainConfig, SearchConfig, SpaceConfig, SupernetConfig
+
+    return Config(seed=job["seed"], data=DataConfig(name="fashion_mnist", fraction=job["fraction"]),
+                  space=SpaceConfig(job.get("space", "mobilenet_small_res")),
+                  supernet=SupernetConfig(**{"num_workers": 1, "seeds": 1, **job.get("supernet", {})}),
+                  retrain=RetrainConfig(epochs=job.get("epochs", 1)),
+                  search=SearchConfig(calib_batches=job.get("calib", 20), val_batches=job.get("val", 10)))
+
+
+def _standalone(job: dict) -> dict:
+    """One architecture from scratch with the retraining recipe, seed ``job['index']``."""
+    import torch
+    from torch import nn
+
+    from pipeline.common import resolve_space
+    from pipeline.data import build_datasets, make_loader
+    from pipeline.retrain import _optimizer, _steps_per_epoch, _train_epoch, evaluate
+    from pipeline.schedules import cosine_schedule
+    from pipeline.seeding import derive_seed
+    from search_spaces import build_subnet
+
+    torch.set_num_threads(1)
+    cfg = _config(job)
+    splits = build_datasets(cfg.data, seed=cfg.seed)  # the same split for every seed
+    info = splits.info
+    space = resolve_space(cfg, info.in_channels, info.num_classes, info.image_size)
+    r, seed, device = cfg.retrain, derive_seed(cfg.seed, "standalone", job["index"]), torch.device("cpu")
+    torch.manual_seed(derive_seed(seed, "init", 0))
+    model = build_subnet(space, tuple(job["arch"]))
     optimizer = _optimizer(model, cfg)
     drop_last = len(splits.train) > r.batch_size
-    scheduler = cosine_schedule(optimizer, epochs * _steps_per_epoch(len(splits.train), r.batch_size, drop_last))
+    scheduler = cosine_schedule(optimizer, r.epochs * _steps_per_epoch(len(splits.train), r.batch_size, drop_last))
     criterion = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
     t0 = time.perf_counter()
-    for epoch in range(epochs):
-        torch.manual_seed(derive_seed(cfg.seed, "augment", 0, epoch))
-        loader = make_loader(splits.train, r.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, drop_last=drop_last)
+    for epoch in range(r.epochs):
+        torch.manual_seed(derive_seed(seed, "augment", 0, epoch))
+        loader = make_loader(splits.train, r.batch_size, shuffle=True, seed=seed, epoch=epoch, drop_last=drop_last)
         _train_epoch(model, loader, optimizer, criterion, device, scheduler)
-    train_s = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
     test_acc, _ = evaluate(model, make_loader(splits.test, r.batch_size, shuffle=False), device)
-    val_acc, _ = evaluate(model, make_loader(splits.val, r.batch_size, shuffle=False), device)
-    return {"test_acc": test_acc, "val_acc": val_acc, "train_s": train_s}
+    return {"kind": "standalone", "arch_i": job["arch_i"], "index": job["index"], "test_acc": test_acc,
+            "seconds": seconds}
+
+
+def _supernet(job: dict) -> dict:
+    """One seed of one recipe as the pipeline trains it; its BN table and acc scores."""
+    import torch
+
+    from pipeline.common import resolve_space
+    from pipeline.config import validate
+    from pipeline.data import build_datasets
+    from pipeline.search import AccIndicator
+    from pipeline.train_supernet import SupernetTrainer, seed_of
+    from search_spaces import bn_indicator
+
+    torch.set_num_threads(1)
+    cfg = _config(job)
+    validate(cfg)
+    splits = build_datasets(cfg.data, seed=cfg.seed)
+    info = splits.info
+    space = resolve_space(cfg, info.in_channels, info.num_classes, info.image_size)
+    trainer = SupernetTrainer(cfg, splits, seed=seed_of(cfg, job["index"]))
+    t0 = time.perf_counter()
+    rows = [trainer.train_epoch(e) for e in range(cfg.supernet.epochs)]
+    seconds = time.perf_counter() - t0
+    ckpt = {"model": {k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()}}
+    acc = AccIndicator(AccIndicator.prepare(cfg=cfg, space=space, checkpoint=ckpt, splits=splits)).score(
+        np.asarray(job["archs"]))
+    return {"kind": "supernet", "recipe": job["recipe"], "index": job["index"],
+            "table": bn_indicator(trainer.model).tolist(), "acc": [float(a) for a in acc],
+            "train_acc": rows[-1]["acc"], "steps": trainer.steps_per_epoch * len(rows), "seconds": seconds}
+
+
+def _run(job: dict) -> dict:
+    return _standalone(job) if job["kind"] == "standalone" else _supernet(job)
+
+
+def bootstrap(x, y, *, n_boot: int, rng: np.random.Generator, baseline=None) -> tuple:
+    """tau_b(x, y) with a 95% bootstrap interval over the items; with ``baseline`` also the
+    paired interval of tau_b(x, y) - tau_b(baseline, y) (the same resamples)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    taus, diffs = [], []
+    for _ in range(n_boot):
+        i = rng.integers(len(x), size=len(x))
+        t = kendall_tau_b(x[i], y[i])
+        taus.append(t)
+        if baseline is not None:
+            diffs.append(t - kendall_tau_b(np.asarray(baseline, float)[i], y[i]))
+    lo, hi = np.nanpercentile(taus, [2.5, 97.5])
+    out = (kendall_tau_b(x, y), float(lo), float(hi))
+    if baseline is not None:
+        dlo, dhi = np.nanpercentile(diffs, [2.5, 97.5])
+        out += (float(dlo), float(dhi))
+    return out
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--full", action="store_true")
-    ap.add_argument("--m", type=int, help="architectures (quick 6, full 30)")
-    ap.add_argument("--fraction", type=float, help="data.fraction of Fashion-MNIST (quick 0.05, full 1.0)")
-    ap.add_argument("--epochs", type=int, help="supernet epochs of the BN-only modes (quick 2, full 10)")
-    ap.add_argument("--all-epochs", type=int, help="supernet epochs of mode all (quick = --epochs, full 30)")
-    ap.add_argument("--train-epochs", type=int, help="standalone epochs per architecture (quick 3, full 5)")
-    ap.add_argument("--calib-batches", type=int, help="acc indicator calibration batches (quick 5, full 20)")
-    ap.add_argument("--val-batches", type=int, help="acc indicator validation batches (quick 2, full 10)")
-    ap.add_argument("--lr", type=float, help="supernet.lr for a batch of 512 (full: the pipeline's 0.25; quick: 1.0)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default=default_device(), help="cuda when there is a GPU (bf16 autocast), else cpu")
-    args = ap.parse_args(argv)
-    full = args.full
-    m = args.m or (30 if full else 6)
-    fraction = args.fraction or (1.0 if full else 0.05)
-    epochs = args.epochs or (10 if full else 2)
-    lr = args.lr if args.lr is not None else (None if full else 1.0)
-    all_epochs = args.all_epochs or (30 if full else epochs)
-    train_epochs = args.train_epochs or (5 if full else 3)
-    calib = args.calib_batches or (20 if full else 5)
-    val_batches = args.val_batches or (10 if full else 2)
+    from pipeline.common import resolve_space
+    from pipeline.config import SearchConfig
+    from pipeline.data import build_datasets
+    from search_spaces import arch_scores, cost_tables
 
-    print(f"== ranking quality ({'full' if full else 'quick'}): {machine()}", flush=True)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--m", type=int, default=20, help="architectures")
+    ap.add_argument("--truth-seeds", type=int, default=2, help="standalone seeds per architecture")
+    ap.add_argument("--supernet-seeds", type=int, default=2, help="seeds per supernet recipe (the default run's 2)")
+    ap.add_argument("--fraction", type=float, default=0.5, help="data.fraction of Fashion-MNIST for standalone training")
+    ap.add_argument("--train-epochs", type=int, default=3, help="standalone epochs per architecture")
+    ap.add_argument("--supernet-fraction", type=float, default=1.0,
+                    help="data.fraction for the supernets (1.0: the default run's 429 steps per seed)")
+    ap.add_argument("--recipes", default=",".join(RECIPES), help=f"comma list of {', '.join(RECIPES)}")
+    ap.add_argument("--max-flops", type=float, default=SearchConfig().max_flops, help="the budget's upper end")
+    ap.add_argument("--jobs", type=int, default=2, help="processes at once (1 torch thread each)")
+    ap.add_argument("--boot", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        ap.error(f"unknown recipe {unknown[0]!r}; known: {', '.join(RECIPES)}")
+    if args.truth_seeds < 2:
+        ap.error("--truth-seeds must be >= 2: the ceiling is the tau between two seeds")
+
+    print(f"== ranking quality: {machine()}", flush=True)
     t_start = time.perf_counter()
-    data = DataConfig(name="fashion_mnist", fraction=fraction)
-    splits = build_datasets(data, seed=args.seed)
-    info = splits.info
-    cfg = Config(seed=args.seed, data=data, retrain=RetrainConfig(),
-                 search=SearchConfig(calib_batches=calib, val_batches=val_batches))
-    space = resolve_space(cfg, info.in_channels, info.num_classes, info.image_size)
-    archs, flops = stratified_by_flops(space, m, args.seed)
-    _, params = cost_tables(space).costs(archs)
+    base = _config({"seed": args.seed, "fraction": args.fraction})
+    splits = build_datasets(base.data, seed=args.seed)
+    space = resolve_space(base, splits.info.in_channels, splits.info.num_classes, splits.info.image_size)
+    costs = cost_tables(space)
+    cheapest = costs.fixed_flops + float(np.nanmin(costs.flops, 1).sum())
+    archs, flops = stratified_by_flops(space, args.m, args.seed, cheapest, args.max_flops)
+    _, params = costs.costs(archs)
     df = pd.DataFrame({"arch": [list(map(int, a)) for a in archs], "ops": [",".join(space.op_names(a)) for a in archs],
                        "flops_M": flops / 1e6, "params_K": params / 1e3})
+    print(f"{len(archs)} architectures of {space.name}, {flops.min() / 1e6:.2f}M .. {flops.max() / 1e6:.2f}M FLOPs; "
+          f"{args.truth_seeds} standalone seeds x {args.train_epochs} epochs on {len(splits.train)} images; "
+          f"recipes {', '.join(recipes)} x {args.supernet_seeds} seeds", flush=True)
 
-    # ---- ground truth: standalone training, same budget for every architecture
-    print(f"standalone: {len(archs)} architectures x {train_epochs} epochs on {len(splits.train)} images "
-          f"(FLOPs {flops.min() / 1e6:.2f}M .. {flops.max() / 1e6:.2f}M)", flush=True)
-    truth = []
-    for i, a in enumerate(archs):
-        res = train_standalone(space, a, splits, cfg, train_epochs, args.device)
-        truth.append(res)
-        print(f"  arch {i + 1}/{len(archs)} {flops[i] / 1e6:5.2f}M  test acc {100 * res['test_acc']:.2f}%  "
-              f"({res['train_s']:.1f} s)", flush=True)
-    df["test_acc"] = [t["test_acc"] for t in truth]
-    df["val_acc"] = [t["val_acc"] for t in truth]
-    standalone_s = sum(t["train_s"] for t in truth)
+    jobs = [{"kind": "supernet", "recipe": r, "index": i, "seed": args.seed, "fraction": args.supernet_fraction,
+             "space": RECIPES[r][0], "supernet": RECIPES[r][1], "archs": df["arch"].tolist()}
+            for r in recipes for i in range(args.supernet_seeds)]
+    jobs += [{"kind": "standalone", "arch_i": a, "arch": df["arch"][a], "index": s, "seed": args.seed,
+              "fraction": args.fraction, "epochs": args.train_epochs}
+             for s in range(args.truth_seeds) for a in range(len(df))]
+    outs = []
+    with mp.get_context("spawn").Pool(args.jobs) as pool:
+        for o in pool.imap_unordered(_run, jobs):
+            outs.append(o)
+            what = (f"{o['recipe']} seed {o['index']}: train acc {100 * o['train_acc']:.1f}% after {o['steps']} steps"
+                    if o["kind"] == "supernet" else
+                    f"arch {o['arch_i'] + 1} seed {o['index']}: test acc {100 * o['test_acc']:.2f}%")
+            print(f"  [{len(outs)}/{len(jobs)}] {what} ({o['seconds']:.0f} s)", flush=True)
 
-    # ---- the supernets and their indicators
-    taus = [{"indicator": "FLOPs (baseline)", "supernet": "-", "supernet_epochs": 0,
-             "tau_test": kendall_tau_b(df["flops_M"], df["test_acc"]),
-             "tau_val": kendall_tau_b(df["flops_M"], df["val_acc"]), "score_s": 0.0, "supernet_s": 0.0},
-            {"indicator": "params (baseline)", "supernet": "-", "supernet_epochs": 0,
-             "tau_test": kendall_tau_b(df["params_K"], df["test_acc"]),
-             "tau_val": kendall_tau_b(df["params_K"], df["val_acc"]), "score_s": 0.0, "supernet_s": 0.0}]
-    for mode in MODES:
-        e = all_epochs if mode == "all" else epochs
-        scfg = supernet_config(mode, e, fraction=fraction, seed=args.seed, lr=lr)
-        scfg.search = cfg.search
-        t0 = time.perf_counter()
-        tr = train_supernet_inprocess(scfg, splits, device=args.device)
-        supernet_s = time.perf_counter() - t0
-        table = tr.indicator_history[-1]
-        t0 = time.perf_counter()
-        bn = arch_scores(table, archs)
-        bn_s = time.perf_counter() - t0
-        ckpt = {"model": {k: v.detach().contiguous() for k, v in tr.model.state_dict().items()}}
-        t0 = time.perf_counter()
-        acc = AccIndicator(AccIndicator.prepare(cfg=scfg, space=space, checkpoint=ckpt, splits=splits),
-                           args.device).score(archs)
-        acc_s = time.perf_counter() - t0
-        df[f"bn[{mode}]"], df[f"acc[{mode}]"] = bn, acc
-        for name, s, secs in (("bn", bn, bn_s), ("acc", acc, acc_s)):
-            taus.append({"indicator": name, "supernet": mode, "supernet_epochs": e,
-                         "tau_test": kendall_tau_b(s, df["test_acc"]), "tau_val": kendall_tau_b(s, df["val_acc"]),
-                         "score_s": secs, "supernet_s": supernet_s})
-        print(f"  {mode}: tau(bn) {taus[-2]['tau_test']:+.3f}  tau(acc) {taus[-1]['tau_test']:+.3f}", flush=True)
+    truth = np.full((args.truth_seeds, len(df)), np.nan)
+    for o in outs:
+        if o["kind"] == "standalone":
+            truth[o["index"], o["arch_i"]] = o["test_acc"]
+    for s in range(args.truth_seeds):
+        df[f"test_acc_seed{s}"] = truth[s]
+    df["test_acc"] = truth.mean(0)
+    rng = np.random.default_rng(args.seed)
+    flops_col = df["flops_M"].to_numpy()
+    rows = []
 
-    tau_df = pd.DataFrame(taus)
+    def add(indicator, supernet, scores, **extra):
+        t, lo, hi, dlo, dhi = bootstrap(scores, df["test_acc"], n_boot=args.boot, rng=rng, baseline=flops_col)
+        rows.append({"indicator": indicator, "supernet": supernet, "tau": t, "ci_lo": lo, "ci_hi": hi,
+                     "vs_flops_lo": dlo, "vs_flops_hi": dhi, **extra})
+
+    ceiling = bootstrap(truth[0], truth[1], n_boot=args.boot, rng=rng)
+    rows.append({"indicator": "ceiling: standalone seed 0 vs seed 1", "supernet": "-", "tau": ceiling[0],
+                 "ci_lo": ceiling[1], "ci_hi": ceiling[2]})
+    add("FLOPs (baseline)", "-", flops_col)
+    add("params (baseline)", "-", df["params_K"].to_numpy())
+    sup = {r: sorted((o for o in outs if o["kind"] == "supernet" and o["recipe"] == r), key=lambda o: o["index"])
+           for r in recipes}
+    for r in recipes:
+        tables = [np.array(o["table"], dtype=float) for o in sup[r]]
+        bn = arch_scores(np.mean(tables, 0), archs)
+        acc = np.mean([o["acc"] for o in sup[r]], 0)
+        df[f"bn[{r}]"], df[f"acc[{r}]"] = bn, acc
+        extra = {"train_acc": float(np.mean([o["train_acc"] for o in sup[r]])),
+                 "steps_per_seed": sup[r][0]["steps"], "s_per_seed": float(np.mean([o["seconds"] for o in sup[r]]))}
+        add("bn", r, bn, tau_seed0=kendall_tau_b(arch_scores(tables[0], archs), df["test_acc"]), **extra)
+        add("acc", r, acc, tau_seed0=kendall_tau_b(sup[r][0]["acc"], df["test_acc"]), **extra)
+    taus = pd.DataFrame(rows)
+    if "all" in recipes:  # the paired difference to SPOS, for every other indicator
+        spos = df["acc[all]"].to_numpy()
+        for i, row in taus.iterrows():
+            if row["supernet"] in recipes and (row["indicator"], row["supernet"]) != ("acc", "all"):
+                col = f"{row['indicator']}[{row['supernet']}]"
+                _, _, _, dlo, dhi = bootstrap(df[col], df["test_acc"], n_boot=args.boot, rng=rng, baseline=spos)
+                taus.loc[i, ["vs_spos_lo", "vs_spos_hi"]] = dlo, dhi
+
     RESULTS.mkdir(parents=True, exist_ok=True)
     df.to_csv(RESULTS / "ranking_archs.csv", index=False)
-    sd = tau_null_sd(len(archs))
-    t = tau_df.set_index(["indicator", "supernet"])["tau_test"]
-    lines = [
-        f"M = {len(archs)} architectures of mobilenet_small (FLOPs {flops.min() / 1e6:.2f}M..{flops.max() / 1e6:.2f}M, "
-        f"equal-width FLOPs bins), each trained standalone {train_epochs} epochs on {len(splits.train)} Fashion-MNIST "
-        f"images (fraction {fraction:g}); ground truth = accuracy on {len(splits.test)} test images (tau_test) and "
-        f"{len(splits.val)} validation images (tau_val). Supernets: {epochs} epochs (bn_last, bn_all), "
-        f"{all_epochs} (all), supernet.lr {lr or 0.25} per batch of 512, one rank in-process on {args.device}. acc indicator: {calib} calibration + {val_batches} validation "
-        f"batches of 128.",
+    standalone_s = sum(o["seconds"] for o in outs if o["kind"] == "standalone")
+    notes = [
+        f"M = {len(df)} fixed-depth architectures of {space.name} ({flops.min() / 1e6:.2f}M..{flops.max() / 1e6:.2f}M "
+        f"FLOPs: the default search's range, equal-width bins), each trained standalone {args.train_epochs} epochs on "
+        f"{len(splits.train)} Fashion-MNIST images (fraction {args.fraction:g}) with {args.truth_seeds} seeds; ground "
+        f"truth = mean accuracy over the seeds on {len(splits.test)} test images "
+        f"({100 * df['test_acc'].min():.2f}%..{100 * df['test_acc'].max():.2f}%). Supernets: {args.supernet_seeds} "
+        f"seeds each, as the pipeline trains them (fraction {args.supernet_fraction:g}); bn from the seeds' mean "
+        f"table, acc the seeds' mean. 95% intervals: bootstrap over the architectures ({args.boot} resamples); "
+        f"vs_flops / vs_spos: paired intervals of the difference in tau.",
         "",
-        f"- BN-NAS (bn indicator, bn_last supernet): tau {t[('bn', 'bn_last')]:+.3f}; bn_all: "
-        f"{t[('bn', 'bn_all')]:+.3f}; SPOS (acc indicator, all supernet): {t[('acc', 'all')]:+.3f}; "
-        f"FLOPs alone: {t[('FLOPs (baseline)', '-')]:+.3f}.",
-        f"- Two unrelated rankings of {len(archs)} items give tau with standard deviation {sd:.2f}: differences "
-        f"between taus smaller than about {2 * sd:.2f} are noise.",
-        f"- Time: standalone training {standalone_s:.0f} s in all; bn scoring of all M "
-        f"{tau_df[tau_df.indicator == 'bn'].score_s.max() * 1e3:.2f} ms, acc scoring "
-        f"{tau_df[tau_df.indicator == 'acc'].score_s.mean():.1f} s per supernet.",
-        "- Paper (Fig. 9, ImageNet): BN-NAS's BN indicator ranks about as well as SPOS's accuracy indicator.",
+        f"- Two unrelated rankings of {len(df)} items give tau with SD {tau_null_sd(len(df)):.2f}.",
+        f"- Standalone training {standalone_s:.0f} s of CPU in all; total wall {time.perf_counter() - t_start:.0f} s "
+        f"with {args.jobs} jobs.",
+        *(f"- `{r}`: {RECIPES[r][2]}" for r in recipes),
     ]
-    if not full:
-        lines.append("- QUICK MODE: taus from so few architectures, supernet steps and standalone epochs are noisy; "
-                     "they show the benchmark runs, not the answer. Use --full (or a larger --m) for a reading.")
-    lines.append(f"- total wall time {time.perf_counter() - t_start:.0f} s.")
-    write_table("ranking", tau_df.round(4), "\n".join(lines))
+    write_table("ranking", taus.round(4), "\n".join(notes))
     return 0
 
 

@@ -34,7 +34,7 @@ def main() -> int:
     splits = build_datasets(data, seed=0)
     failures = []
     for mode in ("bn_last", "bn_all", "all"):
-        cfg = Config(seed=0, data=data, supernet=SupernetConfig(mode=mode, epochs=2, batch_size=128, num_workers=1))
+        cfg = Config(seed=0, data=data, supernet=SupernetConfig(mode=mode, epochs=2, batch_size=128, num_workers=1, seeds=1))
         tr = SupernetTrainer(cfg, splits, device=device)
         assert tr.autocast == (device == "cuda") and tr.channels_last
         before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}

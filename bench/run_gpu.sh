@@ -20,7 +20,7 @@ timeout 100 "$py" bench/bench_train_step.py --full 2>&1 | tee "$out/train_step.l
 
 timeout 900 "$py" bench/bench_rank_stability.py --full --epochs "${RANK_EPOCHS:-20}" \
     >"$out/rank_stability.log" 2>&1 &
-timeout 900 "$py" bench/bench_ranking.py --full --m "${RANKING_M:-12}" --train-epochs 3 \
-    --epochs 6 --all-epochs 18 >"$out/ranking.log" 2>&1 &
+timeout 900 "$py" bench/bench_ranking.py --m "${RANKING_M:-30}" --fraction 1 --train-epochs 3 \
+    --jobs 12 >"$out/ranking.log" 2>&1 &
 wait
 tail -n 25 "$out/rank_stability.log" "$out/ranking.log"

@@ -68,15 +68,22 @@ def ensure_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # silences 2.60's token notice on local runs
+    # Authentication is Ray's own: a local instance gets token authentication (Ray
+    # 2.60's default, a token in ~/.ray/auth_token), a cluster is joined in its mode
+    # (RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH / RAY_AUTH_TOKEN as the user set them).
+    _quiet_auth_notice()
     if address:
         unreachable = PipelineError(
             f"cannot reach the Ray cluster at {address!r}; start it (ray up cluster.yaml or "
             "ray start --head) or unset RAY_ADDRESS / --address to run locally")
         _probe(address, unreachable)
+        _check_auth(address)
         try:
             ray.init(address=address, log_to_driver=True)
+        except ray.exceptions.AuthenticationError:
+            raise _auth_refused(address, "it refused this client's token") from None
         except (ConnectionError, RuntimeError, ValueError):
+            _check_auth(address)  # a refusal the first check missed (a GCS too busy to answer in time)
             raise unreachable from None
     else:
         # The dashboard (ray[default]) serves the State API, which Ray Train V2 uses to
@@ -148,3 +155,64 @@ def _probe(address: str, error: Exception) -> None:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError:
         raise error from None
+
+
+AUTH_FIX = "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to a file holding the cluster's token"
+
+
+def _auth_refused(address: str, why: str) -> PipelineError:
+    return PipelineError(f"the Ray cluster at {address!r} refused the connection: {why}; {AUTH_FIX} "
+                         "(`ray get-auth-token` on the head prints it), or RAY_AUTH_TOKEN to the token itself")
+
+
+def _check_auth(address: str) -> None:
+    """Ask the cluster's GCS once whether it accepts this client, before ray.init.
+
+    Against a cluster that requires a token, ray.init without the right one retries for
+    20 s and then says only "Failed to connect". One gRPC call with the token Ray would
+    send (none, the one in RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token)
+    tells a refusal apart from an unreachable cluster in well under a second. Any other
+    answer (a Ray without the call, a timeout) is left to ray.init to report.
+    """
+    host, sep, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        import grpc
+        from ray._raylet import AuthenticationTokenLoader
+    except ImportError:  # another Ray release: ray.init reports what it finds
+        return
+    loader = AuthenticationTokenLoader.instance()
+    try:
+        header = loader.get_token_for_http_header() if loader.has_token() else {}
+    except Exception:
+        header = {}
+    finally:
+        loader.reset_cache()  # ray.init loads the token again, once RAY_AUTH_MODE is settled
+    channel = grpc.insecure_channel(address)
+    try:
+        channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")(b"", timeout=10,
+                                                                        metadata=tuple(header.items()))
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise _auth_refused(address, "it requires token authentication and "
+                                + ("did not accept this client's token" if header else "this client has no token")
+                                ) from None
+    finally:
+        channel.close()
+
+
+def _quiet_auth_notice() -> None:
+    """Drop Ray's "Token authentication is enabled for this Ray cluster" notice.
+
+    It is printed on every local start and says only that Ray is secure by default (and
+    how to switch that off); other authentication warnings still show."""
+    import logging
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
+
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, logging.Filter) and type(f).__name__ == "_Drop" for f in logger.filters):
+        logger.addFilter(_Drop())

@@ -398,9 +398,18 @@ def _plot_indicator_heatmap(run: RunDir) -> str:
 
     fig = Figure(figsize=(min(3.2 + 1.25 * n_c, 18), min(2.2 + 0.38 * n_l, 22)))
     ax = fig.subplots()
-    masked = np.ma.masked_invalid(vals)
+    # The colour scale spans the ops that compete: identity (no BN, 0 by definition) and
+    # layers with a single choice would stretch it to 0..1 and hide a spread of 0.01.
+    is_identity = np.zeros_like(vals, dtype=bool)
+    if "op" in df:
+        ident = df[df["op"] == "identity"]
+        rows, cols = list(table.index), list(table.columns)
+        for l, c in zip(ident["layer"], ident["choice"]):
+            is_identity[rows.index(l), cols.index(c)] = True
+    competing = np.isfinite(vals) & ~is_identity & (np.isfinite(vals).sum(1, keepdims=True) > 1)
+    masked = np.ma.masked_where(~np.isfinite(vals) | is_identity, vals)
     cmap = matplotlib.colormaps["magma_r"].with_extremes(bad="white")
-    finite = vals[np.isfinite(vals)]
+    finite = vals[competing] if competing.any() else vals[np.isfinite(vals)]
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     if vmax <= vmin:
         vmax = vmin + 1e-6
@@ -421,12 +430,14 @@ def _plot_indicator_heatmap(run: RunDir) -> str:
         for i in range(n_l):
             for j in range(n_c):
                 v = vals[i, j]
-                if np.isfinite(v):
-                    frac = (v - vmin) / (vmax - vmin)
+                if is_identity[i, j]:
+                    ax.text(j, i, "identity", ha="center", va="center", fontsize=6.5, color="grey")
+                elif np.isfinite(v):
+                    frac = min(max((v - vmin) / (vmax - vmin), 0.0), 1.0)
                     ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=7.5,
                             color="white" if frac > 0.55 else "black")
     cb = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.03)
-    cb.set_label("BN indicator score")
+    cb.set_label("BN indicator score (ops that compete)")
     return _save(run, fig, FILES["indicator_heatmap"])
 
 
@@ -611,6 +622,21 @@ def _authors_str(arch: Any, ops: str) -> str:
     return _arch_str([-1 if n == "identity" else a for a, n in zip(key, names)])
 
 
+def _reproducibility(sup: dict | None) -> str:
+    """Stage 1's verdict on its indicator: reproducible across seeds or not (one line)."""
+    if not sup:
+        return "-"
+    return ranking.agreement_line(sup.get("seed_agreement") or {}, "BN indicator")
+
+
+def _run_reproducibility(run: RunDir) -> str:
+    """The verdict for the indicator the search used: acc's from stage 2, bn's from stage 1."""
+    s = _search_result(run) or {}
+    if s.get("seed_agreement"):
+        return ranking.agreement_line(s["seed_agreement"], f"{s.get('indicator')} indicator")
+    return _reproducibility(_maybe(run, "supernet/result.json", "json"))
+
+
 def summary_table(run: RunDir, timings: dict[str, float] | None = None) -> pd.DataFrame:
     """One row: the final result (arch, arch_authors, ops, multiply_adds, params, bn_score, val_acc,
     test_acc, time_<stage>_s, time_total_s). Missing values are NaN / empty."""
@@ -667,6 +693,7 @@ def format_summary(run: RunDir, timings: dict[str, float] | None = None) -> str:
         ("multiply-adds", madds),
         ("params", _fmt_m(row["params"])),
         ("BN score", _fmt_float(row["bn_score"])),
+        ("ranking", _run_reproducibility(run)),
         ("val accuracy", _fmt_pct(row["val_acc"])),
         ("test accuracy", _fmt_pct(row["test_acc"])),
         ("time", f"{stage_times}  (total {_fmt_time(row['time_total_s'])})"),
@@ -722,6 +749,11 @@ def _summary_md(run: RunDir, timings: dict[str, float] | None, written: dict[str
         for k, v in fin.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 items.append(f"final {k}: {_fmt_pct(v) if 'acc' in k else _fmt_float(v)}")
+        items.append(f"seeds: {sup.get('seeds', 1)}; " + _reproducibility(sup))
+        per_layer = (sup.get("seed_agreement") or {}).get("per_layer") or {}
+        if per_layer:
+            items.append("per-layer tau between seeds: " + ", ".join(
+                f"layer {l} {_fmt_float(v, 2)}" for l, v in per_layer.items()))
         out += [f"- {i}" for i in items] + [""]
     else:
         out += ["_Not run yet._", ""]
@@ -733,6 +765,8 @@ def _summary_md(run: RunDir, timings: dict[str, float] | None, written: dict[str
     if srch:
         items = [f"indicator: {srch.get('indicator', '-')}",
                  f"architectures scored: {srch.get('n_scored', '-')}"]
+        if srch.get("seed_agreement"):
+            items.append(ranking.agreement_line(srch["seed_agreement"], f"{srch.get('indicator')} indicator"))
         if _is_num(srch.get("exact_best")) or _is_num(srch.get("evolution_best")):
             items.append(f"exact (knapsack) best score: {_fmt_float(srch.get('exact_best'))}; "
                          f"evolution best: {_fmt_float(srch.get('evolution_best'))}; "

@@ -35,6 +35,7 @@ OPERATIONAL = {
     "retrain.cpus_per_trial", "retrain.gpus_per_trial", "retrain.max_concurrent", "retrain.max_failures",
     "supernet.checkpoints_to_keep", "supernet.max_failures",
 }
+ALL_STAGES = ("supernet", "search", "retrain", "report")
 USER_ERRORS = (ConfigError, SpaceError, ArchitectureError, OpError, PipelineError, StorageError, DataError)
 
 
@@ -67,9 +68,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _not_empty(args: argparse.Namespace) -> None:
+    """An argument given as "" (an unset shell variable, a stray comma) is refused, not skipped."""
+    fix = {"config": "a YAML file or a shipped config name", "run_dir": "a directory path or URI",
+           "address": "'auto' or host:port, or leave it out to run locally"}
+    for key, what in fix.items():
+        value = getattr(args, key)
+        if value is not None and not value.strip():
+            raise ConfigError(f"--{key.replace('_', '-')} is empty; pass {what}")
+
+
+def parse_stages(text: str) -> list[str]:
+    stages = [s.strip() for s in text.split(",") if s.strip()]
+    if not stages:
+        raise ConfigError(f"--stages {text!r} names no stage; use a comma-separated subset of {','.join(ALL_STAGES)}")
+    unknown = set(stages) - set(ALL_STAGES)
+    if unknown:
+        raise ConfigError(f"--stages: unknown stage {sorted(unknown)[0]!r}; use {','.join(ALL_STAGES)}")
+    return stages
+
+
 def build_config(args: argparse.Namespace) -> Config:
+    _not_empty(args)
     overrides = list(args.overrides)
-    if args.run_dir:
+    if args.run_dir is not None:
         overrides.append(f"run_dir={args.run_dir}")
     if args.num_workers is not None:
         overrides.append(f"supernet.num_workers={args.num_workers}")
@@ -115,6 +137,18 @@ def check_saved_config(run: RunDir, cfg: Config, force: bool) -> None:
                             "use another --run-dir, or --force to continue it with this one")
 
 
+# What the report draws from (docs/architecture.md); with none of it there is nothing to report.
+REPORT_INPUTS = ("supernet/result.json", "supernet/history.parquet", "supernet/indicators.parquet",
+                 "search/result.json", "search/scored.parquet", "search/topn.parquet", "retrain/result.json",
+                 "retrain/trials.parquet", "retrain/history.parquet", "retrain_tune")
+
+
+def check_reportable(run: RunDir) -> None:
+    if not any(run.exists(rel) for rel in REPORT_INPUTS):
+        raise PipelineError(f"nothing to report in {run.uri}: no stage has written output there yet; run the "
+                            "stages first (--stages supernet,search,retrain,report) or pass the run dir that has them")
+
+
 STAGES = {  # stage -> (module, function); imported lazily so a report-only run needs no Ray
     "supernet": ("train_supernet", "train_supernet"),
     "search": ("search", "run_search"),
@@ -141,21 +175,27 @@ def run_pipeline(cfg: Config, run: RunDir, stages: list[str], progress=print) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    run, created, fresh = None, [], False
     try:
         cfg = build_config(args)
-        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-        unknown = set(stages) - {"supernet", "search", "retrain", "report"}
-        if unknown:
-            raise ConfigError(f"--stages: unknown stage {sorted(unknown)[0]!r}; use supernet,search,retrain,report")
+        stages = parse_stages(args.stages)
         run = RunDir(cfg.run_dir)
+        created = run.prepare()  # a path that cannot hold a run dir fails here, leaving nothing
+        fresh = bool(created) or not run.listdir()
         with run.lock():
             check_saved_config(run, cfg, args.force)
+            if stages == ["report"]:
+                check_reportable(run)
             if set(stages) - {"report"}:
                 ensure_ray(cfg)  # an unreachable cluster fails before the run dir is written
             run.write_text("config.yaml", cfg.to_yaml())
             print(f"bnnas: run dir {run.uri} (space {cfg.space.name}, data {cfg.data.name}, seed {cfg.seed})")
             run_pipeline(cfg, run, stages)
     except USER_ERRORS as e:
+        # A new run dir that a stage refused before writing anything (data, resources,
+        # budgets) is taken away again: no .lock and config.yaml of a run that never was.
+        if fresh:
+            run.discard_if_bare(created)
         print(f"bnnas: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

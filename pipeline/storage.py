@@ -61,7 +61,12 @@ class StorageError(RuntimeError):
 
 
 class CorruptFileError(StorageError):
-    """A file in the run directory exists but cannot be parsed."""
+    """A file in the run directory exists but cannot be parsed (``path``: its name as
+    the user wrote the run dir, ``reason``: what the parser said)."""
+
+    def __init__(self, message: str, path: str = "", reason: str = ""):
+        super().__init__(message)
+        self.path, self.reason = path, reason
 
 
 class RunLockedError(StorageError):
@@ -116,10 +121,83 @@ class RunDir:
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
 
-    def listdir(self, rel: str = "") -> list[str]:
-        """Names directly under ``rel``; empty if it does not exist."""
+    def prepare(self) -> list[str]:
+        """Check that the run directory can be used, creating it if missing.
+
+        Returns the local folders this call created (outermost first) so that
+        ``discard_if_bare`` can take them away again if the run fails before it writes
+        anything of its own. A path that is a file, lies below a file, cannot be created
+        (permissions, /proc, a read-only filesystem) or cannot be written raises
+        ``StorageError`` with one line; nothing is left behind then. Object stores are
+        not checked here (their first write reports what is wrong).
+        """
+        if not self.is_local:
+            return []
+        root = Path(self.root)
+        if root.exists() and not root.is_dir():
+            raise StorageError(f"run dir {self.uri} is an existing file, not a directory; "
+                               "pass a new or existing directory to --run-dir")
+        missing = []
+        top = root
+        while not top.exists():
+            missing.append(top)
+            top = top.parent
+        if not top.is_dir():
+            raise StorageError(f"run dir {self.uri} cannot be made: {top} is a file, not a directory; "
+                               "pass a path below a directory to --run-dir")
+        created = [str(p) for p in reversed(missing)]
+        try:
+            for p in created:
+                os.mkdir(p)
+            # Permissions say too little (root ignores them; /proc and read-only mounts refuse
+            # anyway): try what the run will do, write a file.
+            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".bnnas-write-check-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            self._remove_dirs(created)
+            what = "cannot be created" if missing else "is not writable"
+            raise StorageError(f"run dir {self.uri} {what} ({e.strerror or type(e).__name__}: "
+                               f"{e.filename or self.root}); pass a writable location to --run-dir") from None
+        return created
+
+    BARE = (LOCK_NAME, "config.yaml")  # what the CLI writes before any stage does
+
+    def discard_if_bare(self, created: list[str]) -> bool:
+        """After a failed run in a new run dir: if it holds nothing but the lock and the
+        config (no stage wrote anything), remove them and the ``created`` folders.
+        Returns whether it did; a run dir holding anything else is left as it is."""
+        if not self.is_local:
+            names = self.listdir()
+            if not set(names) <= set(self.BARE):
+                return False
+            for name in names:
+                with contextlib.suppress(OSError):
+                    self.fs.delete_file(self.path(name))
+            return True
+        files = [p for p in Path(self.root).rglob("*") if not p.is_dir()] if os.path.isdir(self.root) else []
+        if any(p.parent != Path(self.root) or p.name not in self.BARE for p in files):
+            return False
+        for p in files:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        for d in sorted((p for p in Path(self.root).rglob("*") if p.is_dir()), reverse=True):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only empty folders a stage made and left empty
+        self._remove_dirs(created)
+        return True
+
+    @staticmethod
+    def _remove_dirs(created: list[str]) -> None:
+        for p in reversed(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(p)
+
+    def listdir(self, rel: str = "", *, dirs_only: bool = False) -> list[str]:
+        """Names directly under ``rel`` (only folders with ``dirs_only``); empty if it does not exist."""
         sel = pafs.FileSelector(self.path(rel), allow_not_found=True)
-        return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(sel))
+        return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(sel)
+                      if not dirs_only or i.type == pafs.FileType.Directory)
 
     # -- bytes ------------------------------------------------------------------------
 
@@ -194,10 +272,10 @@ class RunDir:
             raise self._corrupt(rel, e) from e
 
     def _corrupt(self, rel: str, err: BaseException) -> CorruptFileError:
+        reason = f"{type(err).__name__}: {err}"
         return CorruptFileError(
-            f"{self._name(rel)} is truncated or corrupt ({type(err).__name__}: {err}); "
-            "delete it to redo the step that writes it"
-        )
+            f"{self._name(rel)} is truncated or corrupt ({reason}); delete it to redo the step that writes it",
+            path=self._name(rel), reason=reason)
 
     # -- parquet ------------------------------------------------------------------------
 

@@ -1,16 +1,23 @@
 """Stage 1: train the one-shot supernet with BN parameters only, on Ray Train (V2).
 
 ``train_supernet(cfg, run)`` runs a ``TorchTrainer`` whose workers each hold the whole
-supernet and train it data-parallel, then writes the stage's outputs into the run dir:
+supernet and train it data-parallel, then writes the stage's outputs into the run dir.
+With ``supernet.seeds`` = S > 1 the workers form S groups, one independent supernet per
+seed (its own init, paths and data order, ``seed_of``), each data-parallel within its
+group: the search scores the seeds' mean table, and the seeds' agreement on each layer's
+op ranking (``ranking.seed_agreement``) says whether that ranking is signal or noise.
 
-    supernet/final.pt            space, fingerprint, mode, epoch, model state (CPU),
-                                 final BN-indicator table [L, K] (NaN = forbidden choice),
-                                 one table per epoch ("indicator_history")
-    supernet/history.parquet     one row per epoch (loss, acc, images_per_sec, ...)
-    supernet/indicators.parquet  long format: epoch, layer, choice, op, score
+    supernet/final.pt            space, fingerprint, mode, epoch, model state (CPU, seed 0),
+                                 the seeds' mean BN-indicator table [L, K] (NaN = forbidden
+                                 choice), one per epoch ("indicator_history"), each seed's
+                                 final table ("indicator_seeds") and model ("seed_models")
+    supernet/history.parquet     one row per epoch (loss, acc, images_per_sec, seed_tau, ...)
+    supernet/indicators.parquet  long format: epoch, layer, choice, op, score (seeds' mean)
+    supernet/seed_indicators.parquet  the same per seed
     supernet/result.json         written LAST: its presence marks the stage done
     supernet/run.json            fingerprint and mode of the supernet being trained
-    supernet_train/              Ray's own run folder: checkpoint_*/state.pt
+    supernet_train/              Ray's own run folder: checkpoint_*/state.pt (seed 0),
+                                 state_seed1.pt ... (each seed's group leader uploads its own)
 
 Finished / partial / fresh. A run dir with ``supernet/result.json`` is finished: the
 stage returns that file and trains nothing. Asked for more epochs than it ran, it
@@ -56,15 +63,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from search_spaces import SearchSpace, Supernet, bn_indicator, freeze, space_from_dict
+from search_spaces import SearchSpace, Supernet, bn_indicator, freeze, last_bn, space_from_dict
 
 from .budgets import make_budgets
+from .checkpoints import load_intact
 from .common import (PipelineError, Progress, ensure_ray, read_stage_output, register_ops, resolve_space,
                      resource_shortfall, space_ops)
 from .config import Config
 from .data import Splits, build_datasets, make_loader
 from .faults import FaultSpec
-from .ranking import rank_distance
+from .finite import FiniteGuard, NonFinite, check_weights
+from .ranking import agreement_line, rank_distance, seed_agreement
 from .schedules import lr_schedule
 from .seeding import derive_seed, seed_everything
 from .storage import RunDir
@@ -76,17 +85,39 @@ FINAL = f"{STAGE_DIR}/final.pt"
 HISTORY = f"{STAGE_DIR}/history.parquet"
 INDICATORS = f"{STAGE_DIR}/indicators.parquet"
 RUN_META = f"{STAGE_DIR}/run.json"
+SEED_INDICATORS = f"{STAGE_DIR}/seed_indicators.parquet"  # every seed's tables (indicators.parquet: their mean)
 TRAIN_NAME = "supernet_train"  # Ray's RunConfig name: fixed, so a rerun finds its checkpoints
 STATE_FILE = "state.pt"
+
+
+def state_file(index: int) -> str:
+    """Seed ``index``'s file in a checkpoint: its group's leader writes it, Ray merges them."""
+    return STATE_FILE if index == 0 else f"state_seed{index}.pt"
 REFERENCE_BATCH = 512  # the authors' lr 0.25 is for a global batch of 512
 
 
 # ============================================================================ pure pieces
 
-def init_supernet(space: SearchSpace, seed: int) -> Supernet:
-    """The supernet exactly as every rank initialises it (frozen weights stay like this)."""
+def init_supernet(space: SearchSpace, seed: int, gamma_init: float = 1.0) -> Supernet:
+    """The supernet exactly as every rank initialises it (frozen weights stay like this).
+
+    ``gamma_init`` sets the scored gamma (every candidate op's last BN). At 0, with a
+    residual in every layer (``space.shortcut``), every path starts as the same function.
+    """
     seed_everything(seed)
-    return Supernet(space)
+    model = Supernet(space)
+    if gamma_init != 1.0:
+        with torch.no_grad():
+            for _, _, op in model.candidate_ops():
+                bn = last_bn(op)
+                if bn is not None:
+                    bn.weight.fill_(gamma_init)
+    return model
+
+
+def seed_of(cfg: Config, index: int) -> int:
+    """The seed of supernet ``index`` of ``supernet.seeds``: seed 0 is the run's own seed."""
+    return cfg.seed if index == 0 else derive_seed(cfg.seed, "supernet", index)
 
 
 class PathSampler:
@@ -165,10 +196,14 @@ class SupernetTrainer:
 
     def __init__(self, cfg: Config, splits: Splits, *, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu", state: Optional[dict] = None,
-                 space: Optional[SearchSpace] = None, on_step: Optional[Callable[[int, int], None]] = None):
+                 space: Optional[SearchSpace] = None, on_step: Optional[Callable[[int, int], None]] = None,
+                 seed: Optional[int] = None, group=None):
         sc = cfg.supernet
         self.cfg, self.splits = cfg, splits
+        # rank / world_size are within this supernet's process group (one group per seed).
         self.rank, self.world_size = rank, world_size
+        self.seed = cfg.seed if seed is None else seed
+        self.group = group  # None: the default (whole) group
         self.device = torch.device(device)
         self.on_gpu = self.device.type == "cuda"
         self.distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
@@ -180,8 +215,14 @@ class SupernetTrainer:
         self.space = space or resolve_space(cfg, info.in_channels, info.num_classes, info.image_size)
         # Same seed on every rank: identical weights without a broadcast, and the frozen
         # weights are exactly what init_supernet() rebuilds from the seed.
-        self.model = init_supernet(self.space, cfg.seed)
+        self.model = init_supernet(self.space, self.seed, sc.gamma_init)
         self.trainable = freeze(self.model, sc.mode)
+        if sc.train_classifier and sc.mode != "all":
+            # A frozen random classifier caps the logits' scale (SD 0.11 across a batch at
+            # init) and reads each path's random features through a fixed basis.
+            for p in self.model.head.fc.parameters():
+                p.requires_grad_(True)
+            self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.channels_last = cfg.supernet.channels_last
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         self.autocast = self.on_gpu and sc.amp  # bf16 on GPU; CPU runs fp32 (bit-exact resume)
@@ -194,7 +235,7 @@ class SupernetTrainer:
         self.base_lr = scaled_lr(cfg, world_size)
         self.optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=self.base_lr, momentum=sc.momentum)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=sc.label_smoothing)
-        self.sampler = PathSampler(self.space, sc.sampler, cfg.seed)
+        self.sampler = PathSampler(self.space, sc.sampler, self.seed)
 
         per_rank = len(splits.train) // world_size
         self.steps_per_epoch = per_rank // sc.batch_size  # drop_last: equal steps on every rank
@@ -260,7 +301,7 @@ class SupernetTrainer:
     # ------------------------------------------------------------------ distributed helpers
     def _all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
         if self.distributed:
-            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=self.group)
         return t
 
     def _average(self, tensors: list[torch.Tensor]) -> None:
@@ -268,7 +309,7 @@ class SupernetTrainer:
         if not self.distributed or not tensors:
             return
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat)
+        dist.all_reduce(flat, group=self.group)
         flat.div_(self.world_size)
         offset = 0
         for t in tensors:
@@ -289,8 +330,8 @@ class SupernetTrainer:
     def train_epoch(self, epoch: int) -> dict:
         sc = self.cfg.supernet
         # Everything random in this epoch comes from (seed, epoch, rank): see module doc.
-        torch.manual_seed(derive_seed(self.cfg.seed, "torch", epoch, self.rank))
-        loader = make_loader(self.splits.train, sc.batch_size, shuffle=True, seed=self.cfg.seed, epoch=epoch,
+        torch.manual_seed(derive_seed(self.seed, "torch", epoch, self.rank))
+        loader = make_loader(self.splits.train, sc.batch_size, shuffle=True, seed=self.seed, epoch=epoch,
                              rank=self.rank, world_size=self.world_size, drop_last=True,
                              num_workers=self.cfg.data.num_workers)
         paths = self.sampler.epoch_paths(epoch, self.steps_per_epoch)
@@ -302,6 +343,7 @@ class SupernetTrainer:
         steps = 0
         lr = self.optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
+        guard = FiniteGuard(self.device, self._all_reduce if self.distributed else None)  # NonFiniteLoss at the step
         batches: Iterable = itertools.islice(enumerate(loader), self.steps_per_epoch)
         if self.on_step is not None:  # decided once per epoch: without a hook the loop makes no call
             batches = _announced(batches, epoch, self.on_step)
@@ -317,6 +359,7 @@ class SupernetTrainer:
                     logits = self.model(x, arch.tolist())
                     loss = self.criterion(logits, y)
                 loss.backward()
+                guard.step(loss, epoch, step, self.optimizer.param_groups[0]["lr"])
                 loss_sum += loss.detach().double() * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += len(y)
@@ -327,6 +370,7 @@ class SupernetTrainer:
             self.optimizer.step()
             self.scheduler.step()
             steps += 1
+        guard.check()
         self._sync_bn_stats()
 
         totals = self._all_reduce(torch.stack([loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64,
@@ -348,7 +392,7 @@ class SupernetTrainer:
         # from rank 0, guarantees that every rank reports the same number of times.
         if self.distributed:
             flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
-            dist.broadcast(flag, src=0)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)  # every rank of the group agrees
             stop = bool(flag.item())
         self.stopped_early = stop
 
@@ -376,7 +420,7 @@ class SupernetTrainer:
             return [digest]
         t = torch.zeros(self.world_size, dtype=torch.int64, device=self.device)
         t[self.rank] = int(digest, 16)
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=self.group)
         return [f"{v:015x}" for v in t.tolist()]
 
 
@@ -404,7 +448,7 @@ def _quiet_ray_train_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _train_loop_per_worker(config: dict) -> None:
+def _train_loop_per_worker(config: dict) -> Optional[dict]:
     """Runs on every Ray Train worker."""
     import ray.train
     from ray.train import Checkpoint
@@ -424,11 +468,25 @@ def _train_loop_per_worker(config: dict) -> None:
             except Exception:
                 pass
 
+    # supernet.seeds independent supernets side by side: seed g trains on the ranks
+    # g*per .. (g+1)*per - 1, data-parallel within its own process group.
+    seeds = cfg.supernet.seeds
+    per = world // seeds
+    index, group_rank = rank // per, rank % per
+    group = None
+    if seeds > 1 and per > 1:
+        # new_group is collective: every rank creates every group, in the same order.
+        groups = [dist.new_group(list(range(g * per, (g + 1) * per))) for g in range(seeds)]
+        group = groups[index]
+
     state = None
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+    if checkpoint is not None:  # the newest intact one: a damaged file is named and skipped, not retried forever
+        # Intact means every seed's file loads: all ranks must resume from the same epoch.
+        _, states = load_intact(RunDir(config["run_uri"]), TRAIN_NAME, tuple(state_file(i) for i in range(seeds)),
+                                first=checkpoint.path,
+                                say=lambda line: emit({"kind": "note", "line": f"supernet: {line}"}))
+        state = states[index] if states is not None else None
 
     if cfg.supernet.use_gpu:
         import ray.train.torch
@@ -439,28 +497,67 @@ def _train_loop_per_worker(config: dict) -> None:
     splits = build_datasets(cfg.data, seed=cfg.seed)
     fault: Optional[FaultSpec] = config.get("fault")
     on_step = fault.injector(config["run_uri"], rank, train_dir=TRAIN_NAME, stage_dir=STAGE_DIR) if fault else None
-    trainer = SupernetTrainer(cfg, splits, rank=rank, world_size=world, device=device, state=state,
-                              space=config.get("space"), on_step=on_step)
+    trainer = SupernetTrainer(cfg, splits, rank=group_rank, world_size=per, device=device, state=state,
+                              space=config.get("space"), on_step=on_step, seed=seed_of(cfg, index), group=group)
     epochs = cfg.supernet.epochs
     emit({"kind": "start", "start_epoch": trainer.next_epoch, "epochs": epochs, "world_size": world,
-          "lr": trainer.base_lr, "steps_per_epoch": trainer.steps_per_epoch, "resumed": state is not None,
-          "stopped_early": trainer.stopped_early})
+          "seeds": seeds, "lr": trainer.base_lr, "steps_per_epoch": trainer.steps_per_epoch,
+          "resumed": state is not None, "stopped_early": trainer.stopped_early})
 
     for epoch in range(trainer.next_epoch, epochs):
         if trainer.stopped_early:
             break
-        row = trainer.train_epoch(epoch)
+        nonfinite = ""
+        try:
+            row = trainer.train_epoch(epoch)
+            check_weights(trainer.model.state_dict(), epoch, row["lr"])
+        except NonFinite as e:
+            # Every rank of the group stops at the same step (the guard all-reduces within it).
+            nonfinite = str(e) if index == 0 else f"{e} in seed {index}'s supernet"
+        if seeds > 1:  # the other seeds' groups stop too: report() is a barrier for all ranks
+            said: list = [None] * world
+            dist.all_gather_object(said, nonfinite)
+            nonfinite = next((m for m in said if m), "")
+        if nonfinite:
+            # Nothing is checkpointed; the driver turns rank 0's return value into one line.
+            return {"nonfinite": nonfinite}
+        seed_rows = _gather_seeds(trainer, index, group_rank, seeds, device) if seeds > 1 else None
         metrics = {**{k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in row.items()},
                    "stopped_early": trainer.stopped_early,
                    "indicator": _table_to_list(trainer.indicator_history[-1])}
+        if seed_rows is not None:
+            tables, losses, accs, stop = seed_rows
+            # report() is a barrier for all ranks: the seeds stop together, once all are stable.
+            trainer.stopped_early = stop
+            agree = seed_agreement(tables)
+            metrics.update(stopped_early=stop, seed_loss=losses, seed_acc=accs, seed_tau=_finite_or_none(agree["tau"]),
+                           seed_tables=[_table_to_list(t) for t in tables])
         with tempfile.TemporaryDirectory(prefix="supernet-ckpt-") as d:
             ckpt = None
-            if rank == 0:
-                torch.save(trainer.state_dict(), os.path.join(d, STATE_FILE))
+            if group_rank == 0:  # each seed's leader uploads its own state file into the one checkpoint
+                torch.save(trainer.state_dict(), os.path.join(d, state_file(index)))
                 ckpt = Checkpoint.from_directory(d)
-            # A barrier: every rank calls it once per epoch; only rank 0 uploads.
+            # A barrier: every rank calls it once per epoch.
             ray.train.report(metrics, checkpoint=ckpt)
-        emit({"kind": "epoch", **{k: v for k, v in metrics.items() if k != "indicator"}, "epochs": epochs})
+        emit({"kind": "epoch", **{k: v for k, v in metrics.items() if k not in ("indicator", "seed_tables")},
+              "epochs": epochs})
+
+
+def _gather_seeds(trainer: SupernetTrainer, index: int, group_rank: int, seeds: int, device) -> tuple:
+    """Every seed's final table, loss and accuracy of this epoch, and whether all seeds
+    would stop: one all-reduce over all ranks, each group's leader filling its own slot."""
+    table = trainer.indicator_history[-1]
+    row = trainer.history[-1]
+    L, K = table.shape
+    buf = torch.zeros(seeds, L * K + 3, dtype=torch.float64, device=device)
+    if group_rank == 0:
+        buf[index, :L * K] = torch.as_tensor(table.reshape(-1), dtype=torch.float64)  # NaN stays NaN
+        buf[index, L * K:] = torch.tensor([row["loss"], row["acc"], 1.0 if trainer.stopped_early else 0.0],
+                                          dtype=torch.float64)
+    dist.all_reduce(buf)
+    buf = buf.cpu().numpy()
+    tables = [buf[g, :L * K].reshape(L, K) for g in range(seeds)]
+    return tables, buf[:, L * K].tolist(), buf[:, L * K + 1].tolist(), bool(buf[:, L * K + 2].min() > 0)
 
 
 # ============================================================================ driver
@@ -513,6 +610,9 @@ class _ProgressRelay:
             self._handle(event)
 
     def _handle(self, e: dict) -> None:
+        if e["kind"] == "note":
+            self.progress(e["line"])
+            return
         n = e["epochs"]
         if e["kind"] == "start":
             self.starts.append(e)
@@ -522,13 +622,18 @@ class _ProgressRelay:
                 self.progress(f"supernet: resuming at epoch {e['start_epoch'] + 1}/{n} from the checkpoint of "
                               f"epoch {e['start_epoch']}/{n} ({e['world_size']} workers)")
             else:
-                self.progress(f"supernet: training {n} epochs on {e['world_size']} workers, "
+                seeds = e.get("seeds", 1)
+                how = (f"{seeds} supernets (seeds) on {e['world_size'] // seeds} worker(s) each" if seeds > 1
+                       else f"{e['world_size']} workers")
+                self.progress(f"supernet: training {n} epochs, {how}, "
                               f"{e['steps_per_epoch']} steps/epoch, lr {e['lr']:.4g}")
         else:
             self.epochs.append(e)
             dist_txt = "-" if e["rank_distance"] is None else f"{e['rank_distance']:.3f}"
+            tau = e.get("seed_tau")
+            seed_txt = "" if "seed_tau" not in e else f"  seed-tau {'-' if tau is None else f'{tau:+.2f}'}"
             self.progress(f"supernet epoch {e['epoch'] + 1}/{n}  loss {e['loss']:.4f}  acc {100 * e['acc']:.1f}%  "
-                          f"{e['images_per_sec']:.0f} img/s  rank-dist {dist_txt}  lr {e['lr']:.4g}  "
+                          f"{e['images_per_sec']:.0f} img/s  rank-dist {dist_txt}{seed_txt}  lr {e['lr']:.4g}  "
                           f"({e['time_s']:.1f} s)")
             if e["stopped_early"]:
                 self.progress(f"supernet: op ranking stable for the configured patience; stopping after "
@@ -557,7 +662,8 @@ def _check_resources(per_worker: dict[str, float], num_workers: int) -> None:
 
 
 def _run_meta(space: SearchSpace, cfg: Config) -> dict:
-    return {"fingerprint": space.fingerprint, "space": space.name, "mode": cfg.supernet.mode}
+    return {"fingerprint": space.fingerprint, "space": space.name, "mode": cfg.supernet.mode,
+            "seeds": cfg.supernet.seeds}
 
 
 def _check_run_meta(run: RunDir, space: SearchSpace, cfg: Config) -> None:
@@ -569,11 +675,11 @@ def _check_run_meta(run: RunDir, space: SearchSpace, cfg: Config) -> None:
     if not run.exists(RUN_META):
         return
     old, new = run.read_json(RUN_META), _run_meta(space, cfg)
-    if (old.get("fingerprint"), old.get("mode")) != (new["fingerprint"], new["mode"]):
+    if (old.get("fingerprint"), old.get("mode"), old.get("seeds", 1)) != (new["fingerprint"], new["mode"], new["seeds"]):
         raise PipelineError(
             f"{run.uri} holds a supernet of space {old.get('space')!r} ({old.get('fingerprint')}) mode "
-            f"{old.get('mode')!r}, but this config asks for {new['space']!r} ({new['fingerprint']}) mode "
-            f"{new['mode']!r}; use another run dir")
+            f"{old.get('mode')!r} with {old.get('seeds', 1)} seed(s), but this config asks for {new['space']!r} "
+            f"({new['fingerprint']}) mode {new['mode']!r} with {new['seeds']}; use another run dir")
 
 
 def space_name(cfg: Config) -> str:
@@ -585,10 +691,10 @@ def space_name(cfg: Config) -> str:
 
 def train_supernet(cfg: Config, run: RunDir, progress: Progress = print) -> dict:
     """Stage 1. Returns the contents of ``supernet/result.json`` (see module doc)."""
-    # Finished means the result *and* the supernet it stands for: after a damaged
-    # final.pt is deleted (as its CorruptFileError message says), the stage rewrites it
-    # from the latest checkpoint (or trains again if that is gone too).
-    if run.exists(RESULT) and run.exists(FINAL):
+    # Finished means the result *and* every output it stands for: after a damaged one is
+    # deleted (as its CorruptFileError message says), the stage rewrites them from the
+    # latest checkpoint (or trains again if that is gone too).
+    if all(run.exists(rel) for rel in (RESULT, FINAL, HISTORY, INDICATORS)):
         result = run.read_json(RESULT)
         if (result.get("space"), result.get("mode")) != (space_name(cfg), cfg.supernet.mode):
             raise PipelineError(
@@ -609,11 +715,19 @@ def train_supernet(cfg: Config, run: RunDir, progress: Progress = print) -> dict
     splits = build_datasets(cfg.data, seed=cfg.seed)
     info = splits.info
     space = resolve_space(cfg, info.in_channels, info.num_classes, info.image_size)
-    if len(splits.train) // sc.num_workers < sc.batch_size:
+    if sc.seeds < 1 or sc.num_workers % sc.seeds:
+        raise PipelineError(f"supernet.num_workers={sc.num_workers} must be a multiple of supernet.seeds={sc.seeds}")
+    per_seed = sc.num_workers // sc.seeds  # each seed's supernet sees the whole split on its workers
+    if len(splits.train) // per_seed < sc.batch_size:
         raise PipelineError(
             f"the training split has {len(splits.train)} images, fewer than one global batch "
-            f"(supernet.batch_size={sc.batch_size} x supernet.num_workers={sc.num_workers}); "
+            f"(supernet.batch_size={sc.batch_size} x {per_seed} workers per seed); "
             f"lower the batch size or use more data (data.fraction)")
+    if sc.gamma_init == 0 and sc.mode != "all" and space.shortcut != "pad":
+        raise PipelineError(
+            f"supernet.gamma_init=0 with space {space.name!r} would train nothing: without a shortcut in every "
+            "layer an op whose scored gamma is 0 passes no signal and no gradient; add 'shortcut: pad' to the "
+            "space (as mobilenet_small_res has) or set supernet.gamma_init=1.0 (the paper's)")
     _check_run_meta(run, space, cfg)  # before Ray starts: a wrong run dir fails in a second
     # The search budget depends on the space alone: an impossible one fails now, not after training.
     make_budgets(cfg.search, space).check_feasible()
@@ -648,37 +762,61 @@ def train_supernet(cfg: Config, run: RunDir, progress: Progress = print) -> dict
                 f"supernet training failed ({one_line(e, last_line=True)}) after {sc.max_failures} restarts; fix the cause and rerun the "
                 f"same command to resume from the latest checkpoint in {run.uri}/{TRAIN_NAME}") from None
 
+    nonfinite = (getattr(result, "return_value", None) or {}).get("nonfinite")
+    if nonfinite:
+        raise PipelineError(f"supernet training stopped: {nonfinite}; nothing was saved as finished; lower "
+                            "supernet.lr (or check the data) and start again in a new --run-dir")
     if result.checkpoint is None:
         raise PipelineError(f"supernet training ended without a checkpoint in {run.uri}/{TRAIN_NAME}; rerun it")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
-    start_epoch = relay.starts[0]["start_epoch"] if relay.starts else int(state["epoch"])
-    return _write_outputs(run, state, cfg, space, start_epoch=start_epoch, elapsed=time.time() - t0,
+    states = [read_stage_output(run, f"{TRAIN_NAME}/{os.path.basename(result.checkpoint.path)}/{state_file(i)}")
+              for i in range(sc.seeds)]
+    start_epoch = relay.starts[0]["start_epoch"] if relay.starts else int(states[0]["epoch"])
+    return _write_outputs(run, states, cfg, space, start_epoch=start_epoch, elapsed=time.time() - t0,
                           checkpoint_path=result.checkpoint.path, progress=progress)
 
 
-def _write_outputs(run: RunDir, state: dict, cfg: Config, space: SearchSpace, *, start_epoch: int,
+def _write_outputs(run: RunDir, states: list[dict], cfg: Config, space: SearchSpace, *, start_epoch: int,
                    elapsed: float, checkpoint_path: str, progress: Progress) -> dict:
+    """Stage 1's files from the seeds' final states (``states[0]`` is the run's own seed).
+
+    The search scores the seeds' mean table; each seed's table and the seeds' agreement
+    (``ranking.seed_agreement``, per epoch and at the end) say whether it is signal.
+    """
     import pandas as pd
 
-    history, tables = state["history"], state["indicator_history"]
+    state = states[0]
+    history = state["history"]
+    per_seed = [s["indicator_history"] for s in states]  # [seed][epoch] -> table
+    tables = [np.mean([h[e] for h in per_seed], axis=0) for e in range(len(per_seed[0]))]
+    agreement = [seed_agreement([h[e] for h in per_seed]) for e in range(len(per_seed[0]))]
+    final_agreement = agreement[-1] if agreement else seed_agreement([])
     run.write_torch(FINAL, {
         "space": space.to_dict(),
         "fingerprint": space.fingerprint,
         "mode": state["mode"],
         "epoch": state["epoch"],
-        "model": state["model"],
-        "indicator": tables[-1] if tables else None,
+        "model": state["model"],  # seed 0's supernet (what the acc indicator recalibrates)
+        "indicator": tables[-1] if tables else None,  # the seeds' mean: what the search scores
         "indicator_history": tables,
+        "indicator_seeds": [h[-1] for h in per_seed] if tables else [],
+        "seed_models": [s["model"] for s in states[1:]],
     })
-    rows = [{k: r.get(k) for k in ("epoch", "loss", "acc", "images_per_sec", "rank_distance", "lr", "time_s",
-                                   "steps", "start_epoch", "path_hashes")} for r in history]
+    rows = [{**{k: r.get(k) for k in ("epoch", "loss", "acc", "images_per_sec", "rank_distance", "lr", "time_s",
+                                      "steps", "start_epoch", "path_hashes")},
+             "seed_tau": agreement[e]["tau"] if e < len(agreement) else math.nan,
+             "seed_acc": [s["history"][e]["acc"] for s in states]} for e, r in enumerate(history)]
     run.write_parquet(HISTORY, pd.DataFrame(rows))
     layers = space.layers
-    long = [{"epoch": e, "layer": l, "choice": k, "op": layers[l].ops[k], "score": float(t[l, k])}
-            for e, t in enumerate(tables) for l in range(t.shape[0]) for k in range(t.shape[1])
-            if k < len(layers[l].ops) and np.isfinite(t[l, k])]
-    run.write_parquet(INDICATORS, pd.DataFrame(long, columns=["epoch", "layer", "choice", "op", "score"]))
+
+    def long(tables_by_epoch, **extra):
+        return [{**extra, "epoch": e, "layer": l, "choice": k, "op": layers[l].ops[k], "score": float(t[l, k])}
+                for e, t in enumerate(tables_by_epoch) for l in range(t.shape[0]) for k in range(t.shape[1])
+                if k < len(layers[l].ops) and np.isfinite(t[l, k])]
+
+    run.write_parquet(INDICATORS, pd.DataFrame(long(tables), columns=["epoch", "layer", "choice", "op", "score"]))
+    run.write_parquet(SEED_INDICATORS, pd.DataFrame(
+        [row for i, h in enumerate(per_seed) for row in long(h, seed=i)],
+        columns=["seed", "epoch", "layer", "choice", "op", "score"]))
 
     last = history[-1] if history else {}
     result = {
@@ -692,13 +830,24 @@ def _write_outputs(run: RunDir, state: dict, cfg: Config, space: SearchSpace, *,
         "mode": state["mode"],
         "sampler": cfg.supernet.sampler,
         "num_workers": cfg.supernet.num_workers,
+        "seeds": len(states),
+        "seed_final": [{k: _finite_or_none(s["history"][-1].get(k)) for k in ("loss", "acc")} if s["history"] else {}
+                       for s in states],
+        "seed_agreement": _json_agreement(final_agreement),
         "train_time_s": float(sum(r["time_s"] for r in history)),
         "elapsed_s": elapsed,
         "checkpoint": checkpoint_path,
     }
     run.write_json(RESULT, result)  # last: marks the stage done
     progress(f"supernet: done, {result['epochs_run']} epochs ({elapsed:.0f} s); wrote {run.uri}/{STAGE_DIR}/")
+    progress(f"supernet: {agreement_line(result['seed_agreement'], 'BN indicator')}")
     return result
+
+
+def _json_agreement(a: dict) -> dict:
+    return {**{k: _finite_or_none(v) if isinstance(v, float) else v for k, v in a.items() if k != "per_layer"},
+            "ci95": [_finite_or_none(v) for v in a["ci95"]],
+            "per_layer": {str(l): _finite_or_none(v) for l, v in a["per_layer"].items()}}
 
 
 # ============================================================================ for stage 2

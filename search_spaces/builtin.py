@@ -9,6 +9,8 @@ sized for 28-32 px inputs so that a 2-core CPU trains them in minutes.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .space import Head, SearchSpace, Stage, StemLayer, register_space
 
 SHUFFLE_OPS = ("shuffle_k3", "shuffle_k5", "shuffle_k7", "xception")
@@ -86,6 +88,21 @@ def mobilenet_small() -> SearchSpace:
         num_classes=10,
         identity_layers=(1,),
     )
+
+
+@register_space
+def mobilenet_small_res() -> SearchSpace:
+    """``mobilenet_small`` with a parameter-free shortcut (average pool + zero channels)
+    around every op of the four layers that change shape, so every layer is residual.
+
+    For BN-only training with the scored gammas starting at 0 (``supernet.gamma_init``):
+    every path then starts as the same function, so a shared, trained classifier can
+    read all of them, and a gamma grows only as far as its op's output helps. Each
+    plain path is a different random feature basis instead, which no shared head reads:
+    the plain space's BN-only supernet stays at chance (BENCHMARKS.md, section 7).
+    Costs are those of ``mobilenet_small`` (the shortcut has no multiply-adds or weights).
+    """
+    return replace(mobilenet_small(), name="mobilenet_small_res", shortcut="pad")
 
 
 @register_space

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .ops import conv_bn, create_op, last_bn
-from .space import Arch, SearchSpace
+from .ops import IDENTITY, conv_bn, create_op, last_bn
+from .space import Arch, Layer, SearchSpace
 
 TrainMode = Literal["bn_last", "bn_all", "all"]
 TRAIN_MODES: tuple[str, ...] = ("bn_last", "bn_all", "all")
@@ -48,6 +48,38 @@ class Head(nn.Module):
         return self.fc(self.dropout(x))
 
 
+class PadShortcut(nn.Module):
+    """``op(x) + shortcut(x)`` for a layer that changes shape, the shortcut parameter-free:
+    average pooling for the stride, zero channels (or the first ones) for the width.
+
+    ``space.shortcut == "pad"`` wraps every op of such layers; the op's last BN stays the
+    scored one (the wrapper has no parameters of its own).
+    """
+
+    def __init__(self, op: nn.Module, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.op, self.in_channels, self.out_channels = op, in_channels, out_channels
+        self.pool = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False) if stride > 1 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.op(x)
+        s = x if self.pool is None else self.pool(x)
+        if self.out_channels > self.in_channels:
+            s = nn.functional.pad(s, (0, 0, 0, 0, 0, self.out_channels - self.in_channels))
+        else:
+            s = s[:, :self.out_channels]
+        return y + s
+
+
+def build_op(space: SearchSpace, layer: Layer, name: str) -> nn.Module:
+    """The candidate op ``name`` of ``layer``, with the space's shortcut where it applies."""
+    op = create_op(name, layer.in_channels, layer.out_channels, layer.stride)
+    changes_shape = layer.stride != 1 or layer.in_channels != layer.out_channels
+    if space.shortcut == "pad" and changes_shape and name != IDENTITY:
+        op = PadShortcut(op, layer.in_channels, layer.out_channels, layer.stride)
+    return op
+
+
 class Supernet(nn.Module):
     """Single-path one-shot supernet: ``forward(x, arch)`` runs one op per layer."""
 
@@ -57,8 +89,7 @@ class Supernet(nn.Module):
         self.stem = build_stem(space)
         # ModuleDict keyed by choice index: forbidden choices simply have no module.
         self.layers = nn.ModuleList(
-            nn.ModuleDict({str(k): create_op(op, layer.in_channels, layer.out_channels, layer.stride)
-                           for k, op in enumerate(layer.ops) if layer.allowed[k]})
+            nn.ModuleDict({str(k): build_op(space, layer, op) for k, op in enumerate(layer.ops) if layer.allowed[k]})
             for layer in space.layers)
         self.head = Head(space)
 
@@ -83,8 +114,7 @@ class Subnet(nn.Module):
         super().__init__()
         self.arch = space.validate(arch)
         self.stem = build_stem(space)
-        self.layers = nn.Sequential(*(create_op(layer.ops[a], layer.in_channels, layer.out_channels, layer.stride)
-                                      for layer, a in zip(space.layers, self.arch)))
+        self.layers = nn.Sequential(*(build_op(space, layer, layer.ops[a]) for layer, a in zip(space.layers, self.arch)))
         self.head = Head(space)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -103,6 +103,10 @@ class SearchSpace:
     in_channels: int = 3
     num_classes: int = 1000
     identity_layers: tuple[int, ...] = ()  # global layer indices fixed to identity (fixed depth)
+    # "pad": a parameter-free shortcut (average pool + zero channels) around every op of a
+    # layer that changes shape, so that every layer is residual: with the scored gammas at
+    # 0 every path starts as the same function, and a shared head can read them all.
+    shortcut: str = ""
 
     def __post_init__(self):
         _check_definition(self)
@@ -166,8 +170,9 @@ class SearchSpace:
             st["ops"] = list(st["ops"])
         d["stem"] = [dict(s) for s in d["stem"]]
         d["identity_layers"] = list(d["identity_layers"])
-        if not d["identity_layers"]:
-            d.pop("identity_layers")  # spaces without fixed depth keep the fingerprint they had
+        for key in ("identity_layers", "shortcut"):  # unset: the fingerprint stays what it was without them
+            if not d[key]:
+                d.pop(key)
         return d
 
     @property
@@ -271,6 +276,8 @@ def _check_definition(space: SearchSpace) -> None:
             fail(f"stage {i}: duplicate candidate ops")
         if st.depth == 1 and all(op == IDENTITY for op in st.ops) and not st.identity_first:
             fail(f"stage {i}: its only layer allows no op")
+    if space.shortcut not in SHORTCUTS:
+        fail(f"shortcut {space.shortcut!r} is not one of {', '.join(repr(s) for s in SHORTCUTS)}")
     n = sum(st.depth for st in space.stages)
     firsts = {sum(st.depth for st in space.stages[:i]): i for i, st in enumerate(space.stages)}
     if len(set(space.identity_layers)) != len(space.identity_layers):
@@ -284,6 +291,7 @@ def _check_definition(space: SearchSpace) -> None:
 
 
 ACTIVATIONS = ("relu", "relu6")
+SHORTCUTS = ("", "pad")
 
 
 # ---------------------------------------------------------------------- registry and YAML
@@ -302,7 +310,8 @@ def list_spaces() -> list[str]:
 
 
 def space_from_dict(d: dict, *, source: str = "space") -> SearchSpace:
-    known = {"name", "input_size", "in_channels", "num_classes", "stem", "stages", "head", "identity_layers"}
+    known = {"name", "input_size", "in_channels", "num_classes", "stem", "stages", "head", "identity_layers",
+             "shortcut"}
     if set(d) - known:
         raise SpaceError(f"{source}: unknown key {sorted(set(d) - known)[0]!r}; known keys: {', '.join(sorted(known))}")
     try:
@@ -316,6 +325,7 @@ def space_from_dict(d: dict, *, source: str = "space") -> SearchSpace:
             stages=tuple(Stage(**{**s, "ops": tuple(s["ops"])}) for s in d.pop("stages")),
             head=Head(**d.pop("head")),
             identity_layers=tuple(int(l) for l in d.pop("identity_layers", ()) or ()),
+            shortcut=str(d.pop("shortcut", "") or ""),
         )
     except SpaceError:
         raise

@@ -43,6 +43,14 @@ def test_overrides_apply_with_types():
     (["data.name=synthetic"], "data.val_size=5000 must be below data.synthetic_train=2048"),
     (["supernet"], "expected key=value"),
     (["supernet=3"], "supernet: expected a mapping"),
+    (["supernet.lr=.inf"], "supernet.lr: expected a finite number, got inf"),
+    (["supernet.lr=1e400"], "supernet.lr: expected a finite number, got '1e400'"),
+    (["search.max_params=.nan"], "search.max_params: expected a finite number, got nan"),
+    (["data.fraction=-.inf"], "data.fraction: expected a finite number, got -inf"),
+    (["seed=100000000000000000000000"], "seed: 100000000000000000000000 does not fit in 64 bits"),
+    (["supernet.epochs=-99999999999999999999"], "supernet.epochs: -99999999999999999999 does not fit in 64 bits"),
+    (["seed=1e23"], "seed: expected an integer, got '1e23'"),
+    (["run_dir="], "run_dir must not be empty"),
 ])
 def test_bad_values_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError) as e:

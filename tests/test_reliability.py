@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,12 +54,13 @@ stages:
   - {channels: 16, depth: 2, stride: 2, ops: [mbconv_k3_e3, mbconv_k5_e3, mbconv_k7_e3]}
   - {channels: 24, depth: 2, stride: 2, ops: [mbconv_k3_e3, mbconv_k5_e3, mbconv_k7_e3]}
 identity_layers: [1]
+shortcut: pad
 head: {channels: 32}
 """
 
 
 def _env(**extra: str) -> dict:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO), **extra}
+    env = {**os.environ, "PYTHONPATH": str(REPO), **extra}
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -107,7 +109,7 @@ def test_worker_node_removed_mid_epoch_resumes_on_replacement_node(tmp_path, mon
         data=DataConfig(name="synthetic", synthetic_train=1344, synthetic_test=32, synthetic_size=16,
                         synthetic_classes=4, val_size=64, augment=False),
         supernet=SupernetConfig(epochs=epochs, batch_size=32, lr=2.0, num_workers=2, cpus_per_worker=1.0,
-                                max_failures=3, checkpoints_to_keep=2),
+                                max_failures=3, checkpoints_to_keep=2, seeds=1),  # one supernet on both workers
     )
     run = RunDir(cfg.run_dir)
     train_dir = Path(cfg.run_dir) / TRAIN_NAME
@@ -187,7 +189,7 @@ def _kill_run_config(tmp: Path) -> Path:
         "space": {"name": _tiny_space(tmp)},
         # Batches of 2: 288 steps, epochs of a few seconds, so that the kill after the
         # first registered checkpoint lands inside the second epoch.
-        "supernet": {"epochs": 2, "batch_size": 2, "num_workers": 1, "max_failures": 1},
+        "supernet": {"epochs": 2, "batch_size": 2, "num_workers": 1, "seeds": 1, "max_failures": 1},
         "search": {"method": "both", "max_flops": 0.0, "population": 8, "generations": 3, "parents": 3,
                    "mutations": 3, "crossovers": 3, "top_n": 2, "num_actors": 1, "batch_archs": 2},
         # grace_period = epochs: ASHA never stops a trial, so the winner cannot depend on
@@ -459,16 +461,19 @@ def _sets(items) -> list[str]:
 
 
 def _make_run(tmp_path: Path, sets: list[str], *, supernet: bool = False, topn=None) -> Path:
-    """A run directory as the CLI leaves it (config.yaml, report/), plus stage outputs
+    """A run directory as the CLI leaves it (config.yaml), plus stage outputs
     written the way the stages write them: a 'trained' supernet (stage 1 finished) and
     a top-N table (stage 2's output for stage 3)."""
+    from pipeline.config import load_config
+
     run_dir = tmp_path / "run"
-    assert main(["--run-dir", str(run_dir), "--stages", "report", *_sets(sets)]) == 0
     run = RunDir(str(run_dir))
+    run.write_text("config.yaml", load_config(None, [*sets, f"run_dir={run_dir}"]).to_yaml())
     if supernet:
         from search_spaces import Supernet, bn_indicator, get_space
 
-        space = get_space("mobilenet_small").with_data(in_channels=3, num_classes=4, input_size=16)
+        cfg = load_config(None, [*sets, f"run_dir={run_dir}"])
+        space = get_space(cfg.space.name).with_data(in_channels=3, num_classes=4, input_size=16)
         torch.manual_seed(0)
         model = Supernet(space)
         with torch.no_grad():
@@ -477,10 +482,15 @@ def _make_run(tmp_path: Path, sets: list[str], *, supernet: bool = False, topn=N
                     m.weight.uniform_(0.1, 2.0)
         table = bn_indicator(model)
         run.write_torch("supernet/final.pt", {
-            "space": space.to_dict(), "fingerprint": space.fingerprint, "mode": "bn_last", "epoch": 3,
+            "space": space.to_dict(), "fingerprint": space.fingerprint, "mode": cfg.supernet.mode, "epoch": 3,
             "model": model.state_dict(), "indicator": table, "indicator_history": [table]})
+        t = np.asarray(table)
+        run.write_parquet("supernet/history.parquet", pd.DataFrame({"epoch": [1, 2, 3], "loss": [2.0, 1.5, 1.2]}))
+        run.write_parquet("supernet/indicators.parquet", pd.DataFrame(
+            [{"epoch": 2, "layer": l, "choice": k, "op": op, "score": float(t[l, k])}
+             for l, layer in enumerate(space.layers) for k, op in enumerate(layer.ops) if np.isfinite(t[l, k])]))
         run.write_json("supernet/result.json", {"epochs_run": 3, "stopped_early": False, "space": space.name,
-                                                "mode": "bn_last", "fingerprint": space.fingerprint})
+                                                "mode": cfg.supernet.mode, "fingerprint": space.fingerprint})
     if topn is not None:
         run.write_parquet("search/topn.parquet", pd.DataFrame(topn))
     return run_dir
@@ -531,6 +541,31 @@ def test_deleting_the_reported_file_redoes_its_step(tmp_path, ray_local, capsys)
     topn.unlink()
     assert main([*args, "--stages", "search"]) == 0
     pd.testing.assert_frame_equal(pd.read_parquet(topn), expected)
+    # The search's other outputs (the report reads scored.parquet, and names it if damaged).
+    for rel in ("search/scored.parquet", "search/result.json"):
+        before = (run_dir / rel).read_bytes()
+        (run_dir / rel).unlink()
+        assert main([*args, "--stages", "search"]) == 0
+        assert rel.endswith(".json") or (run_dir / rel).read_bytes() == before, rel
+        assert (run_dir / rel).exists(), rel
+    # A damaged config.yaml: "delete it or use another --run-dir".
+    (run_dir / "config.yaml").write_text("seed: [\n")
+    _fails(run_dir, [*_sets(SMALL), "--stages", "search"], f"{run_dir}/config.yaml is corrupt; delete it", capsys)
+    (run_dir / "config.yaml").unlink()
+    assert main([*args, "--stages", "search"]) == 0 and (run_dir / "config.yaml").exists()
+
+
+def test_fewer_feasible_architectures_than_top_n_is_said_and_the_search_goes_on(tmp_path, ray_local, capsys):
+    sets = [s for s in SMALL if not s.startswith(("search.max_flops", "search.top_n"))] + [
+        "search.max_flops=1120000", "search.top_n=100", "search.method=exact"]  # 22 of 46,656 at 16 px
+    run_dir = _make_run(tmp_path, sets, supernet=True)
+    capsys.readouterr()
+    assert main(["--run-dir", str(run_dir), *_sets(sets), "--stages", "search"]) == 0
+    out = capsys.readouterr().out
+    n = len(pd.read_parquet(run_dir / "search/topn.parquet"))
+    said = [ln for ln in out.splitlines() if "search.top_n=100 but only" in ln]
+    assert 1 <= n < 100 and said == [f"search: search.top_n=100 but only {n} architectures meet the budgets; "
+                                     f"going on with those {n}"], out
 
 
 def test_op_without_trailing_bn_at_cli(tmp_path, capsys):
@@ -555,7 +590,7 @@ def test_op_without_trailing_bn_at_cli(tmp_path, capsys):
 def test_architecture_of_wrong_length_or_other_space_at_cli(tmp_path, ray_local, capsys, case):
     """Stage 3's architectures (search/topn.parquet) that do not fit the configured space."""
     if case == "wrong length":
-        topn, message = {"rank": [1], "arch": [[0, 0, 0]]}, "has 3 choices but space 'mobilenet_small' has 7 layers"
+        topn, message = {"rank": [1], "arch": [[0, 0, 0]]}, "has 3 choices but space 'mobilenet_small_res' has 7 layers"
     else:
         topn, message = ({"rank": [1], "arch": [[0] * 7], "fingerprint": ["0123456789abcdef"]},
                          "top-N was searched in another space (fingerprint 0123456789abcdef)")
@@ -569,8 +604,59 @@ def test_infeasible_budget_at_cli(tmp_path, ray_local, capsys, stages):
     sets = [s for s in SMALL if not s.startswith("search.max_flops")] + ["search.max_flops=1000"]
     run_dir = _make_run(tmp_path, sets, supernet=stages == "search")
     _fails(run_dir, [*_sets(sets), "--stages", stages],
-           "search.max_flops=1K is below the cheapest architecture in mobilenet_small", capsys)
+           "search.max_flops=1K is below the cheapest architecture in mobilenet_small_res", capsys)
     assert not (run_dir / "supernet_train").exists()
+
+
+def test_non_finite_supernet_loss_stops_stage_1_at_its_step(tmp_path, ray_local, capsys):
+    """supernet.lr=1e38 (finite, so validation passes) blows the BN parameters up after the
+    first step: the stage stops at the step whose loss is NaN, names it and its lr in one
+    line, and nothing is saved as a finished stage."""
+    run_dir = _make_run(tmp_path, SMALL)
+    capsys.readouterr()
+    code = main(["--run-dir", str(run_dir), *_sets(SMALL + ["supernet.lr=1e38", "supernet.mode=all"]), "--stages", "supernet", "--force"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert re.search(r"supernet training stopped: non-finite loss \((nan|inf)\) at epoch 1 step [2-9] \(lr [0-9.e+]+\); "
+                     r"nothing was saved as finished", err), err
+    assert not (run_dir / "supernet/result.json").exists() and not (run_dir / "supernet/final.pt").exists()
+
+
+def test_finite_guard_names_the_first_bad_step_and_weights_that_overflow(tmp_path):
+    """The guard both stages use (pipeline.finite), without Ray: the first non-finite loss
+    by step and lr, also when it is only checked every few steps (as on a GPU); BN-only
+    training whose losses stay finite while its statistics overflow (bn_last, lr 1e38)
+    is caught after the epoch by check_weights."""
+    from pipeline.config import Config, DataConfig, SpaceConfig, SupernetConfig
+    from pipeline.data import build_datasets
+    from pipeline.finite import FiniteGuard, NonFinite, NonFiniteLoss, check_weights
+    from pipeline.train_supernet import SupernetTrainer
+
+    guard = FiniteGuard("cpu")
+    guard.step(torch.tensor(1.0), 0, 0, 0.5)
+    with pytest.raises(NonFiniteLoss, match=r"^non-finite loss \(nan\) at epoch 3 step 2 \(lr 0.25\)$"):
+        guard.step(torch.tensor(float("nan")), 2, 1, 0.25)
+    guard = FiniteGuard("cpu")
+    guard.every = 5  # a GPU's guard checks every few steps: the step named is still the first bad one
+    for step, value in enumerate([1.0, float("inf"), float("nan"), 2.0]):
+        guard.step(torch.tensor(value), 0, step, 0.1 * (step + 1))
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss \(inf\) at epoch 1 step 2 \(lr 0.2\)"):
+        guard.check()
+    check_weights({"w": torch.ones(3), "steps": torch.tensor(3)}, 0, 0.1)
+    with pytest.raises(NonFinite, match=r"^non-finite weights \(b and 1 more\) after epoch 2 \(lr 0.1\)$"):
+        check_weights({"a": torch.ones(2), "b": torch.tensor([1.0, float("inf")]), "c": torch.tensor(float("nan"))},
+                      1, 0.1)
+
+    cfg = Config(seed=1, data=DataConfig(name="synthetic", synthetic_train=96, synthetic_test=16, val_size=32,
+                                         synthetic_size=16, synthetic_classes=4),
+                 space=SpaceConfig("mobilenet_small"),  # the authors' recipe: its losses stay finite
+                 supernet=SupernetConfig(batch_size=16, lr=1e38, num_workers=1, mode="bn_last", gamma_init=1.0,
+                                         train_classifier=False))
+    trainer = SupernetTrainer(cfg, build_datasets(cfg.data, seed=cfg.seed))
+    row = trainer.train_epoch(0)
+    assert np.isfinite(row["loss"])  # BN keeps the loss finite...
+    with pytest.raises(NonFinite, match=r"non-finite weights \(.*running_var.*\) after epoch 1"):
+        check_weights(trainer.model.state_dict(), 0, row["lr"])  # ...while its statistics overflow
 
 
 def test_missing_dataset_at_cli(tmp_path, ray_local, capsys):
@@ -580,6 +666,8 @@ def test_missing_dataset_at_cli(tmp_path, ray_local, capsys):
 
 
 def test_corrupt_dataset_files_at_cli(tmp_path, ray_local, capsys):
+    """Unreadable Fashion-MNIST files: one line saying to delete them and rerun; doing so
+    unpacks them again (from the Debian package, offline) and the data loads."""
     root = tmp_path / "data"
     raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
@@ -588,7 +676,17 @@ def test_corrupt_dataset_files_at_cli(tmp_path, ray_local, capsys):
         (raw / name).write_bytes(b"not an idx file")
     sets = ["data.name=fashion_mnist", f"data.root={root}", "data.download=false"]
     run_dir = _make_run(tmp_path, sets)
-    _fails(run_dir, [*_sets(sets), "--stages", "supernet"], f"Fashion-MNIST files under {raw} are unreadable", capsys)
+    err = _fails(run_dir, [*_sets(sets), "--stages", "supernet"], f"Fashion-MNIST files under {raw} are unreadable",
+                 capsys)
+    assert err.endswith(f"delete {raw} and rerun"), err
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("no Debian Fashion-MNIST package to unpack from again (apt-get install dataset-fashion-mnist)")
+    shutil.rmtree(raw)
+    from pipeline.config import load_config
+    from pipeline.data import build_datasets
+
+    splits = build_datasets(load_config(None, sets).data, seed=0)  # what the rerun's first step does
+    assert len(splits.train) == 55000 and len(splits.test) == 10000
 
 
 def test_unreachable_ray_address_from_environment(tmp_path):
@@ -605,3 +703,75 @@ def test_unreachable_ray_address_from_environment(tmp_path):
     assert len(err) == 1 and "cannot reach the Ray cluster at '127.0.0.1:1'" in err[0], err
     assert "unset RAY_ADDRESS" in err[0] and time.monotonic() - t0 < 60
     assert sha256_tree(run_dir) == before
+
+
+# =============================================================================
+# 5. Damaged checkpoints: the newest intact one is used, never a retry loop
+# =============================================================================
+
+def _supernet_cfg(tmp: Path):
+    from pipeline.config import Config, DataConfig, SupernetConfig
+
+    return Config(seed=2, run_dir=str(tmp / "run"),
+                  data=DataConfig(name="synthetic", synthetic_train=352, synthetic_test=32, synthetic_size=16,
+                                  synthetic_classes=4, val_size=32),
+                  supernet=SupernetConfig(epochs=2, batch_size=32, lr=2.0, num_workers=1, seeds=1, max_failures=3,
+                                          checkpoints_to_keep=2))
+
+
+def _supernet_outputs(run: RunDir) -> dict:
+    final = run.read_torch("supernet/final.pt")
+    history = run.read_parquet("supernet/history.parquet")
+    return {"model": final["model"], "indicator": np.asarray(final["indicator"]), "loss": history["loss"].tolist(),
+            "acc": history["acc"].tolist(), "epoch": history["epoch"].tolist()}
+
+
+def _assert_same_supernet(got: dict, want: dict) -> None:
+    np.testing.assert_array_equal(got["indicator"], want["indicator"])
+    assert (got["loss"], got["acc"], got["epoch"]) == (want["loss"], want["acc"], want["epoch"])
+    for name, value in want["model"].items():
+        assert torch.equal(got["model"][name], value), name
+
+
+def test_corrupt_newest_supernet_checkpoint_resumes_from_the_older_one(tmp_path, ray_local):
+    """state.pt of the newest Ray Train checkpoint cut to half, supernet/result.json and
+    final.pt removed so that stage 1 must resume: the damaged file is named in one line,
+    training continues from the older checkpoint and ends where the uninterrupted run
+    ended."""
+    from pipeline.train_supernet import TRAIN_NAME, train_supernet
+
+    cfg = _supernet_cfg(tmp_path)
+    run = RunDir(cfg.run_dir)
+    train_supernet(cfg, run, progress=lambda s: None)
+    reference = _supernet_outputs(run)
+    train_dir = Path(cfg.run_dir) / TRAIN_NAME
+
+    def damage(names) -> None:
+        for name in names:
+            _truncate(train_dir / name / "state.pt")
+        for rel in ("supernet/result.json", "supernet/final.pt"):
+            (Path(cfg.run_dir) / rel).unlink()
+
+    older, newest = sorted(p.name for p in train_dir.glob("checkpoint_*") if p.is_dir())
+    damage([newest])
+    lines: list[str] = []
+    result = train_supernet(cfg, run, progress=lines.append)
+    print("\n".join(lines))
+    named = [ln for ln in lines if "damaged" in ln]
+    assert len(named) == 1 and f"{train_dir}/{newest}/state.pt is damaged" in named[0], lines
+    assert any("resuming at epoch 2/2 from the checkpoint of epoch 1/2" in ln for ln in lines), lines
+    assert result["start_epoch"] == 1 and not any("Traceback" in ln for ln in lines)
+    _assert_same_supernet(_supernet_outputs(run), reference)
+    # With none intact: from scratch (pipeline.checkpoints.load_intact gives no state;
+    # tests/test_storage.py::test_load_intact_skips_damaged_checkpoints).
+
+    # The stage's other outputs, deleted as a damaged file's message says: written again
+    # from the latest checkpoint, nothing trained.
+    indicators = run.read_parquet("supernet/indicators.parquet")
+    for rel in ("supernet/history.parquet", "supernet/indicators.parquet"):
+        (Path(cfg.run_dir) / rel).unlink()
+    lines = []
+    train_supernet(cfg, run, progress=lines.append)
+    assert any("nothing left to train" in ln for ln in lines) and not any(ln.startswith("supernet epoch") for ln in lines)
+    _assert_same_supernet(_supernet_outputs(run), reference)
+    pd.testing.assert_frame_equal(run.read_parquet("supernet/indicators.parquet"), indicators)

@@ -218,7 +218,7 @@ def interrupted_run(tmp_path_factory, ray_local):
     cfg_file = tmp / "cfg.json"
     cfg_file.write_text(json.dumps(cfg.to_dict()))
     log = open(tmp / "driver.log", "w")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     # Its own session (process group), so that anything it leaves behind can be ended.
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(cfg_file)], cwd=REPO, env=env,

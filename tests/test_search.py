@@ -386,6 +386,33 @@ def test_actors_run_in_parallel_and_match_single_process(ray_local, tmp_path, sm
     assert ((got > 0) & (got < 1)).any()
 
 
+def test_acc_search_measures_seed_agreement_on_every_seed_supernet(ray_local, tmp_path, small_model):
+    """supernet.seeds=2 and the acc indicator: 20 of the searched architectures are scored
+    on the second seed's supernet too, and their Kendall tau is reported (issue 14)."""
+    from pipeline.ranking import arch_agreement
+
+    cfg, run = setup_run(tmp_path, small_model, indicator="acc", method="evolution", calib_batches=2,
+                         val_batches=2, num_actors=1, population=12, generations=2, parents=4, mutations=4,
+                         crossovers=4, batch_archs=6)
+    other = trained_like_supernet(small_model.space, seed=11)
+    ckpt = run.read_torch("supernet/final.pt")
+    run.write_torch("supernet/final.pt", {**ckpt, "seed_models": [other.state_dict()]})
+    lines = []
+    result = run_search(cfg, run, progress=lines.append)
+    agree = result["seed_agreement"]
+    archs = np.array(agree["archs_scored"])
+    assert agree["seeds"] == 2 and agree["archs"] == len(archs) == 20
+    scored = run.read_parquet("search/scored.parquet")
+    by_arch = {tuple(map(int, a)): s for a, s in zip(scored.arch, scored.score)}
+    assert agree["scores"][0] == [by_arch[tuple(a)] for a in archs]  # seed 0: the search's own scores
+    splits = build_datasets(cfg.data, seed=cfg.seed)
+    payload = AccIndicator.prepare(cfg=cfg, space=small_model.space, checkpoint={"model": other.state_dict()},
+                                   splits=splits)
+    np.testing.assert_array_equal(agree["scores"][1], AccIndicator(payload).score(archs))
+    assert agree["tau"] == pytest.approx(arch_agreement(agree["scores"])["tau"])
+    assert any("acc indicator ranking" in ln and "seed agreement tau" in ln for ln in lines)
+
+
 # ================================================================== 3. acc by hand
 
 def test_acc_indicator_matches_hand_computed_accuracy(tmp_path, small_model):

@@ -343,3 +343,53 @@ def test_malformed_yaml(tmp_path):
 def test_unknown_space_name():
     with pytest.raises(SpaceError, match="unknown space 'nope'; built-in spaces: bnnas_mobilenet"):
         get_space("nope")
+
+
+# ----------------------------------------------------------------- residual-friendly op set (issue 14)
+
+def test_pad_shortcut_makes_every_layer_residual_and_subnets_match():
+    d = get_space("mobilenet_small").to_dict()
+    d["shortcut"] = "pad"
+    space = ss.space_from_dict(d).with_data(in_channels=1, num_classes=10, input_size=28)  # odd sizes: 14 -> 7 -> 4
+    assert space.fingerprint != get_space("mobilenet_small").with_data(
+        in_channels=1, num_classes=10, input_size=28).fingerprint
+    torch.manual_seed(0)
+    net = Supernet(space).eval()
+    wrapped = [l for l, k, op in net.candidate_ops() if isinstance(op, ss.network.PadShortcut)]
+    assert sorted(set(wrapped)) == [0, 2, 4, 6]  # the layers that change shape (16->24, strides 2, 80->96)
+    for l, _, op in net.candidate_ops():
+        assert (ss.last_bn(op) is None) == (l == 1)  # the scored BN is still the op's own (layer 1: identity)
+    arch = random_arch(space, random.Random(0))
+    sub = build_subnet(space, arch)
+    sub.load_state_dict(subnet_state_from_supernet(net.state_dict(), arch), strict=True)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(sub.eval()(x), net(x, arch))
+    assert cost_tables(space).cost(arch) == cost_tables(get_space("mobilenet_small").with_data(
+        in_channels=1, num_classes=10, input_size=28)).cost(arch)  # the shortcut is free
+
+
+def test_with_scored_gammas_at_zero_every_path_is_the_same_function():
+    # What the residual-friendly recipe relies on: the shared head sees one function at init.
+    from pipeline.train_supernet import init_supernet
+
+    d = get_space("mobilenet_small").to_dict()
+    d["shortcut"] = "pad"
+    space = ss.space_from_dict(d)
+    net = init_supernet(space, 0, gamma_init=0.0).train()
+    x = torch.randn(4, 3, 32, 32)
+    rng = random.Random(1)
+    with torch.no_grad():
+        outs = [net(x, random_arch(space, rng)) for _ in range(3)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=0)
+    plain = init_supernet(get_space("mobilenet_small"), 0, gamma_init=0.0).train()
+    with torch.no_grad():  # without the shortcut a gamma of 0 would cut the network
+        assert plain(x, random_arch(space, rng)).std(0).max() < 1e-6
+
+
+def test_unknown_shortcut_is_refused(mob):
+    d = mob.to_dict()
+    d["shortcut"] = "conv"
+    with pytest.raises(SpaceError, match="shortcut 'conv' is not one of '', 'pad'"):
+        ss.space_from_dict(d)

@@ -380,3 +380,38 @@ def test_sha256_tree_detects_one_changed_byte(tmp_path):
 
     (tmp_path / "s1" / "new.txt").write_text("x")
     assert "s1/new.txt" in sha256_tree(tmp_path)
+
+
+def test_load_intact_skips_damaged_checkpoints(tmp_path):
+    """pipeline.checkpoints.load_intact: Ray's registered checkpoint first, else the
+    newest that loads (or the largest key); every damaged one named in one line."""
+    from pipeline.checkpoints import load_intact
+
+    run = RunDir(str(tmp_path))
+    for i in range(3):
+        run.write_torch(f"exp/checkpoint_00000{i}/state.pt", {"epoch": i + 1})
+    run.write_json("exp/checkpoint_manager_snapshot.json", {})  # a file with the prefix, not a checkpoint
+    notes: list[str] = []
+    assert load_intact(run, "exp", "state.pt", first="/x/exp/checkpoint_000001", say=notes.append) == \
+        ("checkpoint_000001", {"epoch": 2})
+    assert load_intact(run, "exp", "state.pt", say=notes.append) == ("checkpoint_000002", {"epoch": 3})
+    assert notes == []
+
+    newest = tmp_path / "exp" / "checkpoint_000002" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    (tmp_path / "exp" / "checkpoint_000001" / "state.pt").unlink()
+    name, state = load_intact(run, "exp", "state.pt", first="checkpoint_000002", say=notes.append)
+    assert (name, state) == ("checkpoint_000000", {"epoch": 1})
+    assert len(notes) == 2 and all("\n" not in n and n.endswith("skipping it") for n in notes)
+    assert f"{tmp_path}/exp/checkpoint_000002/state.pt is damaged (BadZipFile" in notes[0]
+    assert f"{tmp_path}/exp/checkpoint_000001 has no state.pt" in notes[1]
+
+    # A reused folder number: the epoch inside decides, not the name.
+    run.write_torch("exp/checkpoint_000001/state.pt", {"epoch": 7})
+    assert load_intact(run, "exp", "state.pt", key=lambda s: s["epoch"], say=notes.append)[1] == {"epoch": 7}
+    # None intact: nothing to resume from (the stage starts from scratch).
+    for d in (tmp_path / "exp").glob("checkpoint_0*"):
+        (d / "state.pt").write_bytes(b"PK\x03\x04 not really")
+    notes.clear()
+    assert load_intact(run, "exp", "state.pt", say=notes.append) == (None, None) and len(notes) == 3
+    assert load_intact(run, "nothing-here", "state.pt", say=notes.append) == (None, None)

@@ -13,15 +13,17 @@ import pytest
 import torch
 
 from pipeline.common import PipelineError
-from pipeline.config import Config, DataConfig, SupernetConfig
+from pipeline.config import Config, DataConfig, SpaceConfig, SupernetConfig
 from pipeline.data import build_datasets
 from pipeline.storage import RunDir
 from pipeline.faults import FAULT_ENV
 from pipeline.ranking import rank_distance
 from pipeline.schedules import lr_factor
-from pipeline.train_supernet import (HISTORY, INDICATORS, RESULT, PathSampler, SupernetTrainer, init_supernet,
-                                     load_supernet, paths_digest, supernet_from_final, train_supernet)
-from search_spaces import freeze, get_space
+from pipeline.ranking import seed_agreement
+from pipeline.train_supernet import (HISTORY, INDICATORS, RESULT, SEED_INDICATORS, PathSampler, SupernetTrainer,
+                                     init_supernet, load_supernet, paths_digest, seed_of, supernet_from_final,
+                                     train_supernet)
+from search_spaces import freeze, get_space, last_bn, space_from_dict
 
 SEED = 7
 EPOCHS = 4
@@ -48,10 +50,13 @@ def one_torch_thread():
 
 
 def tiny_cfg(run_dir, **supernet) -> Config:
-    sn = dict(epochs=EPOCHS, batch_size=32, lr=2.0, num_workers=2, max_failures=0, checkpoints_to_keep=2)
+    # One seed: these tests are about data parallelism and resume (two seeds: their own test).
+    # The paper's recipe on the plain space (what these tests were written for).
+    sn = dict(epochs=EPOCHS, batch_size=32, lr=2.0, num_workers=2, max_failures=0, checkpoints_to_keep=2, seeds=1,
+              mode="bn_last", gamma_init=1.0, train_classifier=False)
     sn.update(supernet)
     return Config(
-        seed=SEED, run_dir=str(run_dir),
+        seed=SEED, run_dir=str(run_dir), space=SpaceConfig("mobilenet_small"),
         data=DataConfig(name="synthetic", synthetic_train=320, synthetic_test=32, synthetic_size=16,
                         synthetic_classes=4, val_size=64),
         supernet=SupernetConfig(**sn),
@@ -162,6 +167,53 @@ def test_resume_after_crash_matches_uninterrupted(reference, tmp_path, monkeypat
         assert torch.equal(final["model"][name], value), name
 
 
+def test_two_seeds_side_by_side_resume_and_agreement(ray_local, tmp_path, monkeypatch):
+    """supernet.seeds=2 on 2 workers: one supernet per worker, each exactly what a lone
+    worker with that seed trains; one merged Ray checkpoint resumes both after a crash."""
+    cfg = tiny_cfg(tmp_path, seeds=2, num_workers=2, epochs=2)
+    monkeypatch.setenv(FAULT_ENV, "1:0:1")  # seed 1's worker dies at the start of epoch 2
+    with pytest.raises(PipelineError, match="rerun the same command"):
+        fit(cfg)
+    monkeypatch.delenv(FAULT_ENV)
+    result, lines = fit(cfg)
+    run = RunDir(cfg.run_dir)
+    assert result["start_epoch"] == 1 and result["epochs_run"] == 2 and result["seeds"] == 2
+    assert any("2 supernets (seeds) on 1 worker(s) each" in ln or "resuming at epoch 2/2" in ln for ln in lines)
+
+    space, splits = space_for(cfg), build_datasets(cfg.data, seed=cfg.seed)
+    alone = []
+    for i in range(2):
+        tr = SupernetTrainer(tiny_cfg("unused", seeds=1, num_workers=1, epochs=2), splits, seed=seed_of(cfg, i),
+                             space=space)
+        for e in range(2):
+            tr.train_epoch(e)
+        alone.append(tr)
+    final = load_supernet(run)
+    tables = [t.indicator_history[-1] for t in alone]
+    assert not np.allclose(tables[0], tables[1], equal_nan=True)  # the seeds really differ
+    for got, want in zip(final["indicator_seeds"], tables):
+        np.testing.assert_array_equal(got, want)  # bit for bit on CPU
+    np.testing.assert_array_equal(final["indicator"], (tables[0] + tables[1]) / 2)  # the search's table
+    for name, value in alone[0].model.state_dict().items():
+        assert torch.equal(final["model"][name], value), name
+    for name, value in alone[1].model.state_dict().items():
+        assert torch.equal(final["seed_models"][0][name], value), name
+
+    agree = seed_agreement(tables)
+    assert result["seed_agreement"]["tau"] == pytest.approx(agree["tau"])
+    assert result["seed_agreement"]["ci95"] == pytest.approx(agree["ci95"])
+    assert set(result["seed_agreement"]["per_layer"]) == {"0", "2", "3", "4", "5", "6"}  # layer 1 is fixed
+    history = run.read_parquet(HISTORY)
+    assert history["seed_tau"].iloc[-1] == pytest.approx(agree["tau"]) and np.isfinite(history["seed_tau"]).all()
+    assert [list(a) for a in history["seed_acc"]] == [[t.history[e]["acc"] for t in alone] for e in range(2)]
+    seeds = run.read_parquet(SEED_INDICATORS)
+    assert sorted(set(zip(seeds["seed"], seeds["epoch"]))) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert "seed-tau" in epoch_lines(lines)[-1]
+    verdict = [ln for ln in lines if "ranking" in ln and "seed agreement tau" in ln]
+    assert len(verdict) == 1 and verdict[0].startswith(
+        "supernet: BN indicator ranking is reproducible" if agree["tau"] >= 0.5 else "supernet: WARNING: the BN")
+
+
 def test_finished_run_asked_for_more_epochs_continues_exactly(ray_local, tmp_path):
     """2 epochs, then the same run asked for 4: it starts at epoch 2 and ends where one
     uninterrupted 4-epoch run ends (constant LR: a decaying schedule depends on the total)."""
@@ -266,8 +318,8 @@ def test_load_supernet_before_training(tmp_path):
 
 # ----------------------------------------------------------------------------- in-process
 
-def in_process(mode: str, sampler: str = "uniform", train_images: int = 128):
-    cfg = tiny_cfg("unused", mode=mode, sampler=sampler, num_workers=1)
+def in_process(mode: str, sampler: str = "uniform", train_images: int = 128, **supernet):
+    cfg = tiny_cfg("unused", mode=mode, sampler=sampler, num_workers=1, **supernet)
     cfg.data.synthetic_train = train_images + cfg.data.val_size
     splits = build_datasets(cfg.data, seed=SEED)
     return cfg, SupernetTrainer(cfg, splits)
@@ -289,6 +341,31 @@ def test_modes_train_what_they_say(mode):
     assert not torch.equal(fresh.state_dict()[bn], after[bn])
     assert torch.equal(fresh.state_dict()[conv], after[conv]) == (mode == "bn_all")
     assert not torch.equal(fresh.state_dict()["head.conv.1.weight"], after["head.conv.1.weight"])
+
+
+def test_gamma_init_and_train_classifier():
+    cfg, _ = in_process("bn_last", gamma_init=0.0, train_classifier=True)
+    d = get_space("mobilenet_small").to_dict()
+    d["shortcut"] = "pad"  # gamma 0 needs a residual in every layer, or no gradient reaches any gamma
+    space = space_from_dict(d).with_data(in_channels=3, num_classes=4, input_size=16)
+    trainer = SupernetTrainer(cfg, build_datasets(cfg.data, seed=SEED), space=space)
+    scored = {id(last_bn(op).weight) for _, _, op in trainer.model.candidate_ops() if last_bn(op) is not None}
+    assert all(float(last_bn(op).weight.abs().max()) == 0.0
+               for _, _, op in trainer.model.candidate_ops() if last_bn(op) is not None)
+    fc = {id(p) for p in trainer.model.head.fc.parameters()}
+    assert {id(p) for p in trainer.trainable} == scored | {id(b.bias) for _, _, op in trainer.model.candidate_ops()
+                                                            if (b := last_bn(op)) is not None} | fc
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train_epoch(0)
+    after = trainer.model.state_dict()
+    assert not torch.equal(before["head.fc.weight"], after["head.fc.weight"])  # the classifier trained
+    assert torch.equal(before["head.conv.0.weight"], after["head.conv.0.weight"])  # convolutions did not
+    moved = [l for l, k, op in trainer.model.candidate_ops() if last_bn(op) is not None
+             and float(last_bn(op).weight.abs().max()) > 0]
+    assert moved  # gamma grows from 0 where the paths went
+    # Without train_classifier the FC stays frozen, as in the authors' code.
+    _, plain = in_process("bn_last")
+    assert not any(p.requires_grad for p in plain.model.head.fc.parameters())
 
 
 def test_early_stop_when_ranking_is_stable():

@@ -34,6 +34,8 @@ from ..budgets import Budgets, human, make_budgets
 from ..common import PipelineError, Progress, ensure_ray, resolve_space
 from ..config import Config, SearchConfig
 from ..data import DataError, Splits, build_datasets
+from ..ranking import agreement_line, arch_agreement
+from ..seeding import derive_seed
 from ..storage import RunDir, StorageError
 from ..train_supernet import FINAL as SUPERNET_FILE, load_supernet
 from ..util import one_line
@@ -53,7 +55,7 @@ def run_search(cfg: Config, run: RunDir, progress: Progress = print, *,
     """Stage 2. Returns the result dict (also written to ``search/result.json``)."""
     # Finished means the result *and* the top-N it stands for: after a damaged top-N is
     # deleted (as its CorruptFileError message says), the search runs again.
-    if run.exists(RESULT_FILE) and run.exists(TOPN_FILE):
+    if run.exists(RESULT_FILE) and run.exists(TOPN_FILE) and run.exists(SCORED_FILE):
         result = run.read_json(RESULT_FILE)
         progress(f"search: finished already ({run.path(RESULT_FILE)}); best score {result['best']['score']:.5g}")
         return result
@@ -88,9 +90,16 @@ def run_search(cfg: Config, run: RunDir, progress: Progress = print, *,
     gap = _compare(exact.best, evolution.best, progress)
 
     top = exact.records if exact.records else evolution.ranked[:q.top_n]
+    if len(top) < q.top_n:
+        progress(f"search: search.top_n={q.top_n} but only {len(top)} architectures "
+                 f"{'meet the budgets' if exact.records else 'within the budgets were found'}; "
+                 f"going on with those {len(top)}")
     seen = {r.arch for r in evolution.records}
     scored = evolution.records + [r for r in exact.records if r.arch not in seen]
     top_df = _write_tables(run, space, budgets, scored, top)
+    agreement = None
+    if not indicator_cls.additive and ckpt.get("seed_models"):
+        agreement = _arch_seed_agreement(cfg, space, ckpt, splits, indicator_cls, scored, progress)
     elapsed = time.perf_counter() - t_start
     result = {
         "space": space.name,
@@ -116,6 +125,9 @@ def run_search(cfg: Config, run: RunDir, progress: Progress = print, *,
         "actor_replacements": evolution.pool_stats.get("actor_replacements", 0),
         "supernet_epoch": ckpt.get("epoch"),
         "supernet_mode": ckpt.get("mode"),
+        # Non-additive indicators (acc): the seeds' agreement on a sample of architectures.
+        # The BN indicator's is stage 1's (supernet/result.json), per layer.
+        "seed_agreement": agreement,
     }
     run.write_json(RESULT_FILE, result)  # last: its presence marks the stage finished
     _show_top(top_df, budgets, "exact" if exact.records else "evolution", len(scored), elapsed, progress)
@@ -252,6 +264,35 @@ def _load_cache(run: RunDir, key: str, progress: Progress) -> dict:
         return {}
     progress(f"search: resuming with {len(df)} cached scores from an interrupted search")
     return {tuple(int(v) for v in a): float(s) for a, s in zip(df["arch"], df["score"])}
+
+
+# ============================================================================ seed agreement
+
+AGREEMENT_ARCHS = 20  # architectures each seed's supernet scores for a non-additive indicator
+
+
+def _arch_seed_agreement(cfg: Config, space: SearchSpace, ckpt: dict, splits: Splits,
+                         indicator_cls: type[Indicator], scored: list[Record], progress: Progress) -> dict:
+    """Score a seeded sample of the searched architectures on every seed's supernet (in this
+    process: a few dozen evaluations) and measure how well the seeds' rankings agree."""
+    rng = np.random.default_rng(derive_seed(cfg.seed, "seed_agreement"))
+    pick = rng.choice(len(scored), size=min(AGREEMENT_ARCHS, len(scored)), replace=False)
+    archs = np.array([scored[i].arch for i in sorted(pick)], dtype=np.int64)
+    scores = [[scored[i].score for i in sorted(pick)]]  # seed 0: the search's own scores
+    t0 = time.perf_counter()
+    for model in ckpt["seed_models"]:
+        payload = indicator_cls.prepare(cfg=cfg, space=space, checkpoint={**ckpt, "model": model}, splits=splits)
+        scores.append(indicator_cls(payload).score(archs).tolist())
+    agreement = arch_agreement(scores, seed=cfg.seed)
+    agreement = {**agreement, "archs_scored": [list(map(int, a)) for a in archs], "scores": scores,
+                 "seconds": time.perf_counter() - t0}
+    progress(f"search: {agreement_line(agreement, f'{cfg.search.indicator} indicator')}")
+    return _jsonable(agreement)
+
+
+def _jsonable(d: dict) -> dict:
+    fix = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
+    return {k: [fix(x) for x in v] if k == "ci95" else fix(v) for k, v in d.items()}
 
 
 # ============================================================================ compare and write
