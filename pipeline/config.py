@@ -121,6 +121,7 @@ class RetrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
+    scheduler: Literal["asha", "sync"] = "asha"  # asha: async, freed CPUs to survivors; sync: reproducible (docs/reliability.md)
     grace_period: int = 1  # epochs before a trial may be stopped (the first rung)
     reduction_factor: int = 2
     cpus_per_trial: float = 1.0
@@ -139,6 +140,7 @@ class RayConfig:
 class Config:
     seed: int = 0  # fixes every random choice in every stage
     run_dir: str = "runs/default"  # local path or pyarrow URI (s3://bucket/path)
+    progress_s: float = 10.0  # seconds between progress lines inside an epoch (0: every step)
     data: DataConfig = field(default_factory=DataConfig)
     space: SpaceConfig = field(default_factory=SpaceConfig)
     supernet: SupernetConfig = field(default_factory=SupernetConfig)
@@ -321,7 +323,11 @@ def validate(cfg: Config) -> None:
     _check(r.reduction_factor >= 2, "retrain.reduction_factor must be >= 2")
     _check(r.cpus_per_trial > 0 and r.gpus_per_trial >= 0, "retrain.cpus_per_trial must be > 0, gpus_per_trial >= 0")
     _check(r.max_concurrent >= 0, "retrain.max_concurrent must be >= 0 (0 = as resources allow)")
+    _check(r.scheduler != "sync" or r.max_concurrent == 0,
+           "retrain.max_concurrent applies to retrain.scheduler=asha only; with sync the trials of a rung run "
+           "as resources allow (lower it with retrain.cpus_per_trial), so set retrain.max_concurrent=0")
     _check(cfg.ray.num_cpus >= 0, "ray.num_cpus must be >= 0")
+    _check(cfg.progress_s >= 0, "progress_s must be >= 0 (seconds between progress lines; 0 = every step)")
 
 
 def diff_configs(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -9,7 +9,7 @@
 * ``search_scatter.png``    -- every scored architecture's BN score against multiply-adds,
   coloured by where it came from, with the budget, the top-N and the winner marked;
 * ``retrain_curves.png``    -- validation accuracy (and loss) per epoch of every retrained
-  trial, ASHA stops marked, the winner highlighted;
+  trial, early stops (ASHA or sync halving) marked, the winner highlighted;
 * ``summary.md``            -- the chosen architecture, its cost, score and accuracy, time
   per stage, the top-N and trial tables, and links to the plots.
 
@@ -583,7 +583,7 @@ def _plot_retrain_curves(run: RunDir) -> str:
     if stopped:
         handles.append(Line2D([], [], marker="x", color="#d62728", linestyle="none", markersize=10,
                               markeredgewidth=2.5))
-        labels.append(f"stopped by ASHA ({len(stopped)})")
+        labels.append(f"stopped by {_scheduler(run)[0]} ({len(stopped)})")
     axes[0].legend(handles, labels, fontsize=8.5, loc="lower right", framealpha=0.9)
     if has_loss:
         axes[1].set_xlabel("epoch")
@@ -676,6 +676,14 @@ def summary_table(run: RunDir, timings: dict[str, float] | None = None) -> pd.Da
     return pd.DataFrame([row])
 
 
+def _scheduler(run: RunDir) -> tuple[str, str]:
+    """(name, what it promises) of the scheduler stage 3 ran (retrain/result.json)."""
+    kind = (_retrain_result(run) or {}).get("scheduler", "asha")  # runs before the setting were ASHA's
+    if kind == "sync":
+        return "sync halving", "(synchronous successive halving: the same trials stop for the same seed)"
+    return "ASHA", "(asynchronous: which trials stop depends on the order of results; freed CPUs went to the survivors)"
+
+
 def format_summary(run: RunDir, timings: dict[str, float] | None = None) -> str:
     """The final summary for the terminal: a small aligned key/value table."""
     row = summary_table(run, timings).iloc[0]
@@ -696,6 +704,8 @@ def format_summary(run: RunDir, timings: dict[str, float] | None = None) -> str:
         ("ranking", _run_reproducibility(run)),
         ("val accuracy", _fmt_pct(row["val_acc"])),
         ("test accuracy", _fmt_pct(row["test_acc"])),
+        ("retraining", f"{_fmt_float(row['retrain_epochs'], 0)} epochs, scheduler {_scheduler(run)[0]}"
+         if _retrain_result(run) else "-"),
         ("time", f"{stage_times}  (total {_fmt_time(row['time_total_s'])})"),
         ("report", _uri(run, f"{REPORT_DIR}/{FILES['summary']}")),
     ]
@@ -788,6 +798,9 @@ def _summary_md(run: RunDir, timings: dict[str, float] | None, written: dict[str
                 ""]
 
     out += ["## Retraining", ""]
+    if ret:
+        out += [f"Scheduler: {' '.join(_scheduler(run))} (`retrain.scheduler: {ret.get('scheduler', 'asha')}`, "
+                "docs/reliability.md).", ""]
     t_idx = _trials(run)
     if t_idx is not None and not t_idx.empty:
         win = _winner_trial(run, t_idx)
@@ -796,7 +809,8 @@ def _summary_md(run: RunDir, timings: dict[str, float] | None, written: dict[str
             ops = ops_of(t.get("arch")) or _arch_str(t.get("arch"))
             name = f"**{t['trial']} (winner)**" if win is not None and t["trial"] == win else str(t["trial"])
             rows.append([name, f"`{ops}`", t.get("epochs_run", "-"), _fmt_pct(t.get("best_val_acc")),
-                         _fmt_pct(t.get("final_val_acc")), "ASHA stop" if bool(t.get("stopped_early")) else "completed",
+                         _fmt_pct(t.get("final_val_acc")),
+                         f"{_scheduler(run)[0]} stop" if bool(t.get("stopped_early")) else "completed",
                          _fmt_m(t.get("flops")), _fmt_float(t.get("score")), _fmt_pct(t.get("test_acc"))])
         out += [_md_table(["trial", "architecture", "epochs", "best val", "final val", "end", "multiply-adds",
                            "BN score", "test"], rows, "llrrrlrrr"), ""]

@@ -30,7 +30,7 @@ from .storage import RunDir, StorageError
 # Keys that say how to run, not what to compute: they may change between reruns of one
 # run directory (a resumed run may land on another cluster, with more actors).
 OPERATIONAL = {
-    "run_dir", "ray.address", "ray.num_cpus", "data.root", "data.download", "data.num_workers",
+    "run_dir", "progress_s", "ray.address", "ray.num_cpus", "data.root", "data.download", "data.num_workers",
     "search.num_actors", "search.cpus_per_actor", "search.gpus_per_actor", "search.batch_archs",
     "retrain.cpus_per_trial", "retrain.gpus_per_trial", "retrain.max_concurrent", "retrain.max_failures",
     "supernet.checkpoints_to_keep", "supernet.max_failures",

@@ -54,7 +54,6 @@ import itertools
 import math
 import os
 import tempfile
-import threading
 import time
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -73,6 +72,7 @@ from .config import Config
 from .data import Splits, build_datasets, make_loader
 from .faults import FaultSpec
 from .finite import FiniteGuard, NonFinite, check_weights
+from .progress import Relay, Ticker, eta, meter, send
 from .ranking import agreement_line, rank_distance, seed_agreement
 from .schedules import lr_schedule
 from .seeding import derive_seed, seed_everything
@@ -197,7 +197,7 @@ class SupernetTrainer:
     def __init__(self, cfg: Config, splits: Splits, *, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu", state: Optional[dict] = None,
                  space: Optional[SearchSpace] = None, on_step: Optional[Callable[[int, int], None]] = None,
-                 seed: Optional[int] = None, group=None):
+                 seed: Optional[int] = None, group=None, on_progress: Optional[Callable[[dict], None]] = None):
         sc = cfg.supernet
         self.cfg, self.splits = cfg, splits
         # rank / world_size are within this supernet's process group (one group per seed).
@@ -208,6 +208,7 @@ class SupernetTrainer:
         self.on_gpu = self.device.type == "cuda"
         self.distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
         self.on_step = on_step  # on_step(epoch, step) before every optimizer step; tests only (see module doc)
+        self.on_progress = on_progress  # on_progress(numbers) every cfg.progress_s seconds inside an epoch
 
         info = splits.info
         # The driver resolves the space and ships it: a space or op registered in a user's
@@ -344,6 +345,7 @@ class SupernetTrainer:
         lr = self.optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
         guard = FiniteGuard(self.device, self._all_reduce if self.distributed else None)  # NonFiniteLoss at the step
+        ticker = Ticker(self.cfg.progress_s) if self.on_progress is not None else None
         batches: Iterable = itertools.islice(enumerate(loader), self.steps_per_epoch)
         if self.on_step is not None:  # decided once per epoch: without a hook the loop makes no call
             batches = _announced(batches, epoch, self.on_step)
@@ -370,6 +372,11 @@ class SupernetTrainer:
             self.optimizer.step()
             self.scheduler.step()
             steps += 1
+            if ticker is not None and ticker.due():  # this rank's numbers: reading them syncs a GPU, so rarely
+                self.on_progress({"epoch": epoch, "step": steps, "steps": self.steps_per_epoch,
+                                  "elapsed": time.perf_counter() - t0, "loss": loss_sum.item() / max(seen, 1),
+                                  "acc": correct.item() / max(seen, 1),
+                                  "images_per_sec": seen * self.world_size / max(time.perf_counter() - t0, 1e-9)})
         guard.check()
         self._sync_bn_stats()
 
@@ -461,12 +468,8 @@ def _train_loop_per_worker(config: dict) -> Optional[dict]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
     def emit(event: dict) -> None:
-        # Progress is best effort: a lost line must never fail training.
-        if events is not None and rank == 0:
-            try:
-                events.put(event, timeout=5)
-            except Exception:
-                pass
+        if rank == 0:
+            send(events, event)
 
     # supernet.seeds independent supernets side by side: seed g trains on the ranks
     # g*per .. (g+1)*per - 1, data-parallel within its own process group.
@@ -498,7 +501,9 @@ def _train_loop_per_worker(config: dict) -> Optional[dict]:
     fault: Optional[FaultSpec] = config.get("fault")
     on_step = fault.injector(config["run_uri"], rank, train_dir=TRAIN_NAME, stage_dir=STAGE_DIR) if fault else None
     trainer = SupernetTrainer(cfg, splits, rank=group_rank, world_size=per, device=device, state=state,
-                              space=config.get("space"), on_step=on_step, seed=seed_of(cfg, index), group=group)
+                              space=config.get("space"), on_step=on_step, seed=seed_of(cfg, index), group=group,
+                              on_progress=(lambda numbers: emit({"kind": "step", "epochs": cfg.supernet.epochs,
+                                                                 **numbers})) if rank == 0 else None)
     epochs = cfg.supernet.epochs
     emit({"kind": "start", "start_epoch": trainer.next_epoch, "epochs": epochs, "world_size": world,
           "seeds": seeds, "lr": trainer.base_lr, "steps_per_epoch": trainer.steps_per_epoch,
@@ -562,58 +567,27 @@ def _gather_seeds(trainer: SupernetTrainer, index: int, group_rank: int, seeds: 
 
 # ============================================================================ driver
 
-class _ProgressRelay:
-    """Carries rank 0's per-epoch events to the driver and formats them for ``progress``.
-
-    Train V2 returns metrics only when ``fit()`` ends, and worker stdout reaches the
-    driver only with ``log_to_driver``; a Ray queue (a tiny 0-CPU actor) drained by a
-    driver thread gives the caller's ``progress`` one line per epoch as it happens.
-    """
+class _ProgressRelay(Relay):
+    """Rank 0's events (start, steps inside an epoch, epoch ends, notes) as console lines."""
 
     def __init__(self, progress: Progress):
-        from ray.util.queue import Queue
-
-        self.progress = progress
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        super().__init__(progress)
         self.starts: list[dict] = []
         self.epochs: list[dict] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._pump, name="supernet-progress", daemon=True)
 
-    def __enter__(self) -> "_ProgressRelay":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        try:
-            while not self.queue.empty():
-                self._handle(self.queue.get_nowait())
-        except Exception:
-            pass
-        try:
-            self.queue.shutdown()
-        except Exception:
-            pass
-
-    def _pump(self) -> None:
-        from ray.util.queue import Empty
-
-        while not self._stop.is_set():
-            try:
-                event = self.queue.get(timeout=0.5)
-            except Empty:
-                continue
-            except Exception:  # the queue actor went away; the result still comes from the checkpoint
-                return
-            self._handle(event)
-
-    def _handle(self, e: dict) -> None:
+    def handle(self, e: dict) -> None:
         if e["kind"] == "note":
             self.progress(e["line"])
             return
         n = e["epochs"]
+        if e["kind"] == "step":
+            # The stage's ETA: the rest of this epoch, then the epochs after it at this rate.
+            per_step = e["elapsed"] / max(e["step"], 1)
+            left = (e["steps"] - e["step"]) * per_step + (n - e["epoch"] - 1) * e["steps"] * per_step
+            self.progress(f"supernet epoch {e['epoch'] + 1}/{n} {meter(e['step'], e['steps'], e['elapsed'])}  "
+                          f"loss {e['loss']:.4f}  acc {100 * e['acc']:.1f}%  {e['images_per_sec']:.0f} img/s  "
+                          f"stage ETA {eta(left)}")
+            return
         if e["kind"] == "start":
             self.starts.append(e)
             if e["stopped_early"] or e["start_epoch"] >= n:

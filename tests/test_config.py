@@ -51,6 +51,9 @@ def test_overrides_apply_with_types():
     (["supernet.epochs=-99999999999999999999"], "supernet.epochs: -99999999999999999999 does not fit in 64 bits"),
     (["seed=1e23"], "seed: expected an integer, got '1e23'"),
     (["run_dir="], "run_dir must not be empty"),
+    (["retrain.scheduler=hyperband"], "retrain.scheduler: 'hyperband' is not one of asha, sync"),
+    (["retrain.scheduler=sync", "retrain.max_concurrent=1"],
+     "retrain.max_concurrent applies to retrain.scheduler=asha only"),
 ])
 def test_bad_values_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError) as e:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from pipeline.run import main
-from pipeline.storage import RunDir, sha256_tree
+from pipeline.storage import RunDir, StorageError, sha256_tree
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -192,9 +192,9 @@ def _kill_run_config(tmp: Path) -> Path:
         "supernet": {"epochs": 2, "batch_size": 2, "num_workers": 1, "seeds": 1, "max_failures": 1},
         "search": {"method": "both", "max_flops": 0.0, "population": 8, "generations": 3, "parents": 3,
                    "mutations": 3, "crossovers": 3, "top_n": 2, "num_actors": 1, "batch_archs": 2},
-        # grace_period = epochs: ASHA never stops a trial, so the winner cannot depend on
-        # the order in which concurrent results happen to arrive.
-        "retrain": {"epochs": 2, "batch_size": 64, "grace_period": 2, "max_concurrent": 1, "max_failures": 1},
+        # The reproducible scheduler (sync halving): at the rung after epoch 1 one of the
+        # two trials stops, the same one whatever the order of results and the kills.
+        "retrain": {"epochs": 2, "batch_size": 64, "grace_period": 1, "scheduler": "sync", "max_failures": 1},
         "ray": {"num_cpus": 2},
     }
     import yaml
@@ -204,13 +204,13 @@ def _kill_run_config(tmp: Path) -> Path:
     return path
 
 
-def _start_driver(cfg_file: Path, run_dir: Path, log: Path) -> subprocess.Popen:
+def _start_driver(cfg_file: Path, run_dir: Path, log: Path, stages: str = "supernet,search,retrain") -> subprocess.Popen:
     out = open(log, "w")
     try:
         # Its own session, so that whatever of its Ray outlives it can be ended by group id.
         return subprocess.Popen(
             [sys.executable, "-m", "pipeline.run", "--config", str(cfg_file), "--run-dir", str(run_dir),
-             "--stages", "supernet,search,retrain"],
+             "--stages", stages],
             cwd=REPO, env=_env(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5", PYTHONUNBUFFERED="1"), stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True)
     finally:
@@ -284,10 +284,23 @@ def _outputs(d: Path) -> dict:
         "history_loss": run.read_parquet("supernet/history.parquet")["loss"].tolist(),
         "topn": search["topn"], "best": search["best"], "evolution_best": search["evolution_best"],
         "n_scored": search["n_scored"],
-        "winner": (retrain["arch"], retrain["val_acc"], retrain["test_acc"]),
-        "trials": [([int(v) for v in a], int(e), float(acc))
-                   for a, e, acc in zip(trials["arch"], trials["epochs_run"], trials["final_val_acc"])],
+        "winner": (retrain["arch"], retrain["val_acc"], retrain["test_acc"], retrain["scheduler"]),
+        "trials": _trials_without_timings(trials),
     }
+
+
+TIMINGS = ("train_time_s",)  # the only columns of retrain/trials.parquet that measure time
+
+
+def _trials_without_timings(trials: pd.DataFrame) -> list[dict]:
+    rows = trials.drop(columns=list(TIMINGS)).to_dict("records")
+    # NaN (the test accuracy of every trial but the winner) as None: NaN != NaN.
+    return [{k: ([int(x) for x in v] if k == "arch" else None if isinstance(v, float) and np.isnan(v) else v)
+             for k, v in row.items()} for row in rows]
+
+
+def _epoch_lines(text: str) -> list[tuple[int, int]]:
+    return [(int(m[1]), int(m[2])) for m in re.finditer(r"retrain: trial (\d+)/\d+ \S.*? epoch (\d+)/\d+ val_acc", text)]
 
 
 @pytest.mark.slow
@@ -354,6 +367,25 @@ def test_driver_sigkilled_repeatedly_final_result_equals_uninterrupted(tmp_path)
     np.testing.assert_array_equal(got.pop("indicator"), ref.pop("indicator"))  # bit-for-bit, NaN = forbidden
     assert got == ref
     assert {p.name for p in (run_dir / "model").iterdir()} == {p.name for p in (ref_dir / "model").iterdir()}
+    # Stage 3 under retrain.scheduler=sync: one trial stopped at the rung, and no epoch of a
+    # trial trained twice over all the killed attempts (each epoch line at most once).
+    assert sorted(t["epochs_run"] for t in ref["trials"]) == [1, 2]
+    lines = [e for i in range(attempt + 1) for e in _epoch_lines((tmp_path / f"attempt{i}.log").read_text())]
+    assert len(lines) == len(set(lines)), lines
+
+    # A second uninterrupted stage 3 on the same inputs gives the same trials table.
+    again = tmp_path / "again"
+    for rel in ("supernet", "search"):
+        shutil.copytree(ref_dir / rel, again / rel)
+    t0 = time.monotonic()
+    proc = _start_driver(cfg_file, again, tmp_path / "again.log", stages="retrain,report")
+    try:
+        assert proc.wait(300) == 0, (tmp_path / "again.log").read_text()[-3000:]
+    finally:
+        _end_group(proc)
+    print(f"second uninterrupted stage 3: {time.monotonic() - t0:.0f}s")
+    assert _trials_without_timings(pd.read_parquet(again / "retrain/trials.parquet")) == ref["trials"]
+    assert "Scheduler: sync halving (synchronous" in (again / "report/summary.md").read_text()
 
 
 # =============================================================================
@@ -366,11 +398,11 @@ def _recording_trial(pid_dir: str):
     Pickled by value to the trial actors (this module is not importable there); it
     calls the worker's own, unpatched ``pipeline.retrain.retrain_trial``."""
 
-    def trial(config, *, cfg, space, ops):
+    def trial(config, **kwargs):
         from pipeline import retrain
 
         Path(pid_dir, str(config["arch_index"])).write_text(str(os.getpid()))
-        return retrain.retrain_trial(config, cfg=cfg, space=space, ops=ops)
+        return retrain.retrain_trial(config, **kwargs)
 
     return trial
 
@@ -388,8 +420,10 @@ def test_killed_trial_process_resumes_from_its_checkpoint_others_unaffected(tmp_
         data=DataConfig(name="synthetic", synthetic_train=768, synthetic_test=128, synthetic_size=16,
                         synthetic_classes=4, val_size=128),
         space=SpaceConfig(name=_tiny_space(tmp_path)),
-        # Two trials at once, no ASHA stopping (grace = max_t), two retries each.
-        retrain=RetrainConfig(epochs=epochs, batch_size=64, grace_period=epochs, max_concurrent=2, max_failures=2),
+        # Two trials at once, no ASHA stopping (grace = max_t), two retries each; 2 CPUs
+        # each take all of Ray's 4, so no trial is resized (restarted) for freed CPUs.
+        retrain=RetrainConfig(epochs=epochs, batch_size=64, grace_period=epochs, max_concurrent=2, max_failures=2,
+                              cpus_per_trial=2.0),
     )
     run = RunDir(cfg.run_dir)
     run.write_parquet(retrain_mod.TOPN, pd.DataFrame({
@@ -412,7 +446,8 @@ def test_killed_trial_process_resumes_from_its_checkpoint_others_unaffected(tmp_
             # What the driver received, in order. (Tune's own result.json is not the record:
             # on a retry Tune copies the synced copy over its local file, which can drop
             # the last row before the kill if the sync had not run yet.)
-            reported[trial.config["arch_index"]].append(result)
+            if not result.get("replayed"):  # a resumed trial first re-reports its checkpoint's epoch
+                reported[trial.config["arch_index"]].append(result)
             super().on_trial_result(iteration, trials, trial, result, **info)
 
         def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
@@ -548,6 +583,15 @@ def test_deleting_the_reported_file_redoes_its_step(tmp_path, ray_local, capsys)
         assert main([*args, "--stages", "search"]) == 0
         assert rel.endswith(".json") or (run_dir / rel).read_bytes() == before, rel
         assert (run_dir / rel).exists(), rel
+    # A damaged score cache (read by an unfinished search) is named and not used: the
+    # search scores again, to the same top-N.
+    expected = pd.read_parquet(topn)
+    _truncate(run_dir / "search/cache.parquet")
+    (run_dir / "search/result.json").unlink()
+    capsys.readouterr()
+    assert main([*args, "--stages", "search"]) == 0
+    assert f"search: ignoring search/cache.parquet ({run_dir}/search/cache.parquet is truncated" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(pd.read_parquet(topn), expected)
     # A damaged config.yaml: "delete it or use another --run-dir".
     (run_dir / "config.yaml").write_text("seed: [\n")
     _fails(run_dir, [*_sets(SMALL), "--stages", "search"], f"{run_dir}/config.yaml is corrupt; delete it", capsys)
@@ -754,9 +798,16 @@ def test_corrupt_newest_supernet_checkpoint_resumes_from_the_older_one(tmp_path,
 
     older, newest = sorted(p.name for p in train_dir.glob("checkpoint_*") if p.is_dir())
     damage([newest])
+    # A damaged supernet/run.json (read only when resuming) is named, before Ray starts;
+    # deleted as the line says, it is written again.
+    _truncate(Path(cfg.run_dir) / "supernet/run.json")
+    with pytest.raises(StorageError, match=r"supernet/run.json is truncated or corrupt .*delete it to redo"):
+        train_supernet(cfg, run, progress=lambda s: None)
+    (Path(cfg.run_dir) / "supernet/run.json").unlink()
     lines: list[str] = []
     result = train_supernet(cfg, run, progress=lines.append)
     print("\n".join(lines))
+    assert run.read_json("supernet/run.json")["mode"] == cfg.supernet.mode
     named = [ln for ln in lines if "damaged" in ln]
     assert len(named) == 1 and f"{train_dir}/{newest}/state.pt is damaged" in named[0], lines
     assert any("resuming at epoch 2/2 from the checkpoint of epoch 1/2" in ln for ln in lines), lines

@@ -177,6 +177,151 @@ def test_asha_stops_the_architecture_that_cannot_learn(tmp_path, ray_local, dead
     assert run_retrain(cfg, run, progress=lines.append) == result
 
 
+# ----------------------------------------------------------------------------- sync halving
+
+def test_sync_halving_decides_from_the_curves_alone():
+    """retrain.scheduler=sync: which trials stop at which rung is a function of their
+    validation curves, not of the order in which results arrive or of a restore."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from pipeline.rungs import SyncHalving, halving, rung_epochs
+
+    assert rung_epochs(3, 1, 2) == [1, 2] and rung_epochs(9, 1, 3) == [1, 3] and rung_epochs(2, 2, 2) == []
+    curves = {0: [0.3, 0.5], 1: [0.6, 0.4], 2: [0.6, 0.7]}
+    # Rung 1 keeps ceil(3/2) = 2 (the tie at 0.6 goes to the better-ranked trial 1);
+    # rung 2 keeps 1 of those 2.
+    assert halving(curves, 3, [1, 2], 2) == ([1, 2], {0: 1, 1: 2})
+    assert halving({0: [0.3], 1: [0.6]}, 3, [1, 2], 2) == ([], {})  # trial 2 not at rung 1 yet
+    assert halving({0: [float("nan")], 1: [0.1]}, 2, [1], 2) == ([1], {0: 1})  # NaN ranks last
+    assert halving({0: [0.3], 1: [0.6]}, 3, [1], 2, frozenset({2})) == ([1], {0: 1})  # failed for good: not waited for
+
+    class FakeTrial:
+        def __init__(self, i, last=None):
+            self.config, self.trial_id, self.status, self.last_result = {"arch_index": i}, str(i), Trial.RUNNING, last
+
+    class FakeController:
+        def __init__(self, trials):
+            self.trials = trials
+
+        def get_trials(self):
+            return self.trials
+
+        def stop_trial(self, t):
+            t.status = Trial.TERMINATED
+
+    def result(i, epoch):
+        return {"epoch": epoch, "val_acc": curves[i][epoch - 1], "val_curve": curves[i][:epoch]}
+
+    for order in ([0, 1, 2], [2, 1, 0], [1, 2, 0]):
+        trials = [FakeTrial(i) for i in range(3)]
+        tc, sched = FakeController(trials), SyncHalving(3, 3, 1, 2)
+        for t in trials:
+            sched.on_trial_add(tc, t)
+        actions = {}
+        for i in order:  # everyone reports epoch 1; the last to arrive decides the rung
+            actions[i] = sched.on_trial_result(tc, trials[i], result(i, 1))
+            if actions[i] == TrialScheduler.PAUSE:
+                trials[i].status = Trial.PAUSED
+        last = order[-1]
+        assert all(actions[i] == TrialScheduler.PAUSE for i in order[:-1])
+        assert actions[last] == (TrialScheduler.STOP if last == 0 else TrialScheduler.CONTINUE)
+        assert trials[0].status in (Trial.TERMINATED, Trial.RUNNING)  # the loser is stopped (or told to stop)
+        promoted = [t for t in trials if t.status == Trial.PAUSED]
+        assert all(t.config["arch_index"] in (1, 2) for t in promoted)
+        if promoted:
+            assert sched.choose_trial_to_run(tc) is promoted[0]
+
+    # After a kill Tune restores the trials (PENDING) with their last results and a fresh
+    # scheduler: it learns the curves again and stops the same trial.
+    restored = [FakeTrial(i, last=result(i, 1)) for i in range(3)]
+    for t in restored:
+        t.status = Trial.PENDING
+    tc, sched = FakeController(restored), SyncHalving(3, 3, 1, 2)
+    for t in restored:
+        sched.on_trial_add(tc, t)
+    assert sched.choose_trial_to_run(tc) is restored[1] and restored[0].status == Trial.TERMINATED
+
+
+# ----------------------------------------------------------------------------- freed CPUs go to the survivors
+
+class WaitFor(nn.Module):
+    """A conv + BN op (``zero``: multiplied by zero, so it cannot learn) that, in its
+    first training process, holds the training step ``at`` (counted from 1) until a
+    file matching ``pattern`` exists: a cross-process latch that fixes the order in which
+    two trials reach ASHA's rung, whatever the machine's speed."""
+
+    def __init__(self, cin: int, cout: int, stride: int, *, pattern: str, at: int, zero: bool):
+        super().__init__()
+        self.body = nn.Sequential(*conv_bn(cin, cout, 3, stride))
+        self.pattern, self.at, self.zero, self.calls = pattern, at, zero, 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            deadline = time.time() + 180
+            while self.calls == self.at and not glob.glob(self.pattern) and time.time() < deadline:
+                time.sleep(0.1)
+        return self.body(x) * (0.0 if self.zero else 1.0)
+
+
+def test_asha_stop_gives_its_cpus_to_the_survivor(tmp_path, ray_local, monkeypatch):
+    """Two trials with 2 CPUs each on Ray's 4. The one that cannot learn reaches rung 1
+    second (it waits for the other's first checkpoint) and ASHA stops it; the survivor
+    waits at its third epoch until the stop is reported, and from then on trains with 4
+    CPUs: torch's thread count, recorded per epoch, follows the allocation."""
+    import functools
+
+    import ray.cloudpickle
+
+    import pipeline.retrain as retrain_mod
+
+    run_dir = tmp_path / "run"
+    stopped = tmp_path / "dead-trial-stopped"
+    steps = (1024 - 256) // 64  # training images / batch size
+    live_ckpt = str(run_dir / EXPERIMENT / "*arch_index=0*" / "checkpoint_*" / "state.pt")
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    register_op("test_live_gate", functools.partial(WaitFor, pattern=str(stopped), at=2 * steps + 1, zero=False))
+    register_op("test_dead_gate", functools.partial(WaitFor, pattern=live_ckpt, at=1, zero=True))
+
+    class MarkStop(retrain_mod._ProgressCallback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            super().on_trial_complete(iteration, trials, trial, **info)
+            if trial.config.get("arch_index") == 1:
+                stopped.write_text("ASHA stopped the dead trial")
+
+    monkeypatch.setattr(retrain_mod, "_ProgressCallback", MarkStop)
+    try:
+        cfg = make_cfg(tmp_path, ops="test_live_gate, test_dead_gate", train=1024, epochs=4, grace_period=1,
+                       reduction_factor=2, max_concurrent=0, cpus_per_trial=2.0, lr=0.3)
+        run = RunDir(cfg.run_dir)
+        write_topn(run, [[0, 0], [1, 0]])
+        lines = []
+        result = run_retrain(cfg, run, progress=lines.append)
+    finally:
+        OPS.pop("test_live_gate", None)
+        OPS.pop("test_dead_gate", None)
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    print("\n" + "\n".join(lines))
+    trials = run.read_parquet(TRIALS)
+    assert trials["epochs_run"].tolist() == [4, 1] and trials["stopped_early"].tolist() == [False, True]
+    assert result["scheduler"] == "asha" and result["arch"] == [0, 0]
+    hist = run.read_parquet(HISTORY)
+    threads = hist[hist["trial"] == 0]["threads"].tolist()
+    assert threads[0] == 2 and threads[-1] == 4 and threads == sorted(threads), threads
+    assert hist[hist["trial"] == 1]["threads"].tolist() == [2]
+    assert any("trial 1/2 [0, 0] resumed from its checkpoint of epoch" in ln and "4 threads" in ln for ln in lines)
+    # Every epoch once in the curve and once on the console, the resize notwithstanding.
+    assert hist[hist["trial"] == 0]["epoch"].tolist() == [1, 2, 3, 4]
+    assert [e for t, e in epoch_lines(lines) if t == 1] == [1, 2, 3, 4]
+    # The report says which scheduler ran.
+    from pipeline.report import format_summary, write_report
+
+    write_report(run)
+    assert "Scheduler: ASHA (asynchronous" in (run_dir / "report" / "summary.md").read_text()
+    assert "4 epochs, scheduler ASHA" in format_summary(run)
+
+
 # ----------------------------------------------------------------------------- resume + export
 
 DRIVER = textwrap.dedent("""
@@ -255,6 +400,9 @@ def interrupted_run(tmp_path_factory, ray_local):
             "driver_log": (tmp / "driver.log").read_text(), "cfg_file": cfg_file}
 
 
+RESUMED = re.compile(r"trial (\d+)/\d+ \S.*? resumed from its checkpoint of epoch (\d+)/")
+
+
 def test_killed_driver_resumes_trials_where_they_stopped(interrupted_run):
     cfg, run, before, lines = (interrupted_run[k] for k in ("cfg", "run", "before", "lines"))
     max_t = cfg.retrain.epochs
@@ -266,10 +414,14 @@ def test_killed_driver_resumes_trials_where_they_stopped(interrupted_run):
     assert interrupted, before
     for t, k in interrupted.items():
         assert (t, k) in pre_kill  # it had really trained k epochs before the kill
+        # It resumed from its newest checkpoint: at least Tune's (k), later if one was
+        # written after Tune's last snapshot. It says so first, then goes on from there.
+        resumed = [int(m[2]) for m in map(RESUMED.search, lines) if m and int(m[1]) == t]
+        assert resumed and resumed[0] >= k and resumed[0] + 1 > 1, (t, k, resumed)
         epochs = [e for tt, e in after if tt == t]
-        # The count continues from the checkpoint: epoch k+1 first, not epoch 1 again.
-        assert epochs == list(range(k + 1, max_t + 1)), (t, k, epochs)
-        assert k + 1 > 1
+        assert epochs == list(range(resumed[0] + 1, max_t + 1)), (t, k, epochs)
+        # No epoch trained twice: none of those trained before the kill comes again.
+        assert not set(epochs) & {e for tt, e in pre_kill if tt == t}, (t, pre_kill, epochs)
     for t, (e, done) in before.items():
         if done:  # a finished trial is not retrained
             assert not [tt for tt, _ in after if tt == t]
@@ -279,9 +431,13 @@ def test_killed_driver_resumes_trials_where_they_stopped(interrupted_run):
     for t, k in interrupted.items():
         trial_dir = next(Path(cfg.run_dir, EXPERIMENT).glob(f"*_arch_index={t - 1}_*"))
         rows = [json.loads(s) for s in (trial_dir / "result.json").read_text().splitlines() if s.strip()]
+        rows = [r for r in rows if not r.get("replayed")]
         resumed = [r for r in rows if r["start_epoch"] > 0]
-        assert resumed and resumed[0]["start_epoch"] == k and resumed[0]["epoch"] == k + 1
+        assert resumed and resumed[0]["start_epoch"] >= k and resumed[0]["epoch"] == resumed[0]["start_epoch"] + 1
         assert [r["epoch"] for r in rows if r["start_epoch"] == 0][-1] >= k
+    hist = run.read_parquet(HISTORY)
+    for i in (0, 1):  # every epoch once in the curves
+        assert hist[hist["trial"] == i]["epoch"].tolist() == list(range(1, max_t + 1))
 
 
 def test_exported_model_loads_in_a_fresh_process(interrupted_run):
@@ -320,6 +476,70 @@ def test_exported_model_loads_in_a_fresh_process(interrupted_run):
     assert result["test_acc"] > 0.5  # learnt something (chance is 0.25)
 
 
+def test_deleted_model_file_is_written_again(interrupted_run):
+    """load() on a damaged weights.pt says "delete it to redo the step that writes it":
+    deleting it and rerunning writes it again from the finished Tune experiment (no trial
+    retrained), and load() then works."""
+    from pipeline.export import load
+    from pipeline.retrain import _outputs
+    from pipeline.storage import CorruptFileError
+
+    cfg, run, result = (interrupted_run[k] for k in ("cfg", "run", "result"))
+    weights = Path(cfg.run_dir) / "model" / "weights.pt"
+    before = load(weights.parent).state_dict()
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CorruptFileError, match=r"weights.pt is truncated or corrupt .*delete it to redo the step"):
+        load(weights.parent)
+    weights.unlink()
+    lines = []
+    again = run_retrain(cfg, run, progress=lines.append)
+    assert any("retrain: model/weights.pt is missing; writing the stage's outputs again" in ln for ln in lines)
+    assert not epoch_lines(lines)  # nothing retrained
+    after = load(weights.parent).state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert {k: v for k, v in again.items() if k != "elapsed_s"} == {k: v for k, v in result.items() if k != "elapsed_s"}
+    # A damaged retrain/inputs.json (read when the experiment is restored): named; deleted
+    # as the line says, it is written again and the stage finishes as before.
+    inputs = Path(cfg.run_dir) / "retrain" / "inputs.json"
+    inputs.write_text(inputs.read_text()[:20])
+    (Path(cfg.run_dir) / "retrain" / "result.json").unlink()
+    with pytest.raises(PipelineError, match=r"retrain/inputs.json is truncated or corrupt .*delete it to redo"):
+        run_retrain(cfg, run, progress=lambda s: None)
+    inputs.unlink()
+    assert run_retrain(cfg, run, progress=lambda s: None)["arch"] == result["arch"] and inputs.exists()
+    # Each file the finished stage stands for is checked, not only result.json.
+    assert set(_outputs(result)) == {TRIALS, HISTORY, "model/weights.pt", "model/arch.json", "model/model.pt2"}
+
+
+def test_non_finite_loss_stops_stage_3_and_the_advice_works(tmp_path, ray_local):
+    """retrain.lr=1e38 (finite, so validation passes): the trial whose loss turns NaN stops
+    the stage, one line names trial, epoch, step and lr, and nothing is saved as finished.
+    The rerun with a lower lr is refused as other inputs; deleting retrain_tune/ and
+    retrain/ as both messages say retrains from scratch."""
+    import shutil
+
+    cfg = make_cfg(tmp_path, epochs=1, grace_period=1, max_concurrent=0, lr=1e38)
+    run = RunDir(cfg.run_dir)
+    write_topn(run, [[0, 0], [1, 1]])
+    with pytest.raises(PipelineError) as e:
+        run_retrain(cfg, run, progress=lambda s: None)
+    msg = str(e.value)
+    assert "\n" not in msg and re.search(r"^retrain trial [12] \[\d, \d\] stopped: non-finite (loss \((nan|inf)\) at "
+                                       r"epoch 1 step \d+|weights .* after epoch 1) \(lr [0-9.e+]+\); nothing was saved as "
+                                       r"finished; lower retrain.lr, then delete retrain_tune/ and retrain/ in ", msg), msg
+    assert not run.exists(RESULT) and not run.exists("model") and not run.exists(TRIALS)
+
+    cfg.retrain.lr = 0.1
+    with pytest.raises(PipelineError, match=r"was started with other inputs \(retrain.lr: 1e\+38 -> 0.1\); .* or delete "
+                                            r"retrain_tune/ and retrain/ in the run dir to retrain from scratch"):
+        run_retrain(cfg, run, progress=lambda s: None)
+    shutil.rmtree(Path(cfg.run_dir) / EXPERIMENT)
+    shutil.rmtree(Path(cfg.run_dir) / "retrain")
+    result = run_retrain(cfg, run, progress=lambda s: None)
+    assert result["epochs"] == 1 and run.exists(RESULT) and run.exists("model/weights.pt")
+
+
 def test_export_falls_back_to_torchscript_and_checks_the_space(tmp_path, monkeypatch):
     from pipeline import export
     from search_spaces import build_subnet, load_space_yaml
@@ -349,6 +569,33 @@ def test_export_falls_back_to_torchscript_and_checks_the_space(tmp_path, monkeyp
     Path(run.path("model", "arch.json")).write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="fingerprint"):
         export.load(run.path("model"))
+
+
+def test_trial_resumes_from_its_newest_intact_checkpoint(tmp_path, monkeypatch):
+    """A resumed trial reads every checkpoint in its own folder of the run dir and takes
+    the highest epoch that loads (Tune's registered one may be older: no epoch twice);
+    the damaged newest is named in one line and skipped, with none intact it starts over."""
+    import types
+
+    from ray import tune
+
+    from pipeline.retrain import CKPT_FILE, _resume_state
+
+    run = RunDir(str(tmp_path / "run"))
+    trial = f"{EXPERIMENT}/retrain_trial_abc_00000_0_arch_index=0"
+    for i, epoch in enumerate((1, 2, 3)):
+        run.write_torch(f"{trial}/checkpoint_00000{i}/{CKPT_FILE}", {"epoch": epoch})
+    monkeypatch.setattr(tune, "get_context", lambda: types.SimpleNamespace(
+        get_trial_dir=lambda: f"/root/ray_results/staging/{trial.split('/')[1]}/"))
+    notes: list[str] = []
+    assert _resume_state(run.uri, None, notes.append) == {"epoch": 3} and notes == []
+    newest = Path(run.path(trial, "checkpoint_000002", CKPT_FILE))
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    assert _resume_state(run.uri, None, notes.append) == {"epoch": 2}
+    assert len(notes) == 1 and f"{trial}/checkpoint_000002/{CKPT_FILE} is damaged" in notes[0]
+    for i in (0, 1):
+        Path(run.path(trial, f"checkpoint_00000{i}", CKPT_FILE)).write_bytes(b"cut")
+    assert _resume_state(run.uri, None, notes.append) is None
 
 
 def test_retrain_lr_anneals_per_batch_to_zero():

@@ -1,0 +1,175 @@
+"""What Ray costs: the default job through the pipeline, and as the same work in plain PyTorch.
+
+Both sides run in one invocation, on the default config (``--set`` overrides apply to
+both), one after the other:
+
+- **pipeline**: Ray started locally (timed as its own row), then ``run_pipeline`` for
+  stages 1-3: Ray Train workers, the actor search, Ray Tune trials with checkpoints.
+- **plain**: the same work with no Ray, calling the same code directly. Stage 1: one
+  process per seed (``SupernetTrainer``, one torch thread each, as each Ray Train
+  worker has), the same seeds and steps. Stage 2: the exact solver and the evolution
+  with the seeds' mean BN table, in this process. Stage 3: every trial the pipeline
+  ran, for the epochs it ran (``retrain/trials.parquet``: ASHA's decisions taken as
+  given), ``cpus / cpus_per_trial`` at once, one process each, with the pipeline's
+  retraining code (``retrain._train_epoch``, ``evaluate`` per epoch).
+
+The ratio pipeline / plain per stage and for the whole run is the overhead a user pays
+for Ray (start-up, worker groups, checkpoints, actors, Tune's bookkeeping).
+
+    .venv/bin/python bench/bench_overhead.py                      # the default job (~10 min on 2 cores)
+    .venv/bin/python bench/bench_overhead.py --set data.fraction=0.2
+
+Writes bench/results/overhead.{md,csv}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import machine, write_table  # noqa: E402
+
+
+def _supernet_seed(job: dict) -> list:
+    """Plain stage 1, one seed: the pipeline's trainer, no Ray, no checkpoints."""
+    import torch
+
+    from pipeline.data import build_datasets
+    from pipeline.train_supernet import SupernetTrainer, seed_of
+    from search_spaces import bn_indicator
+
+    torch.set_num_threads(job["threads"])
+    cfg = job["cfg"]
+    trainer = SupernetTrainer(cfg, build_datasets(cfg.data, seed=cfg.seed), seed=seed_of(cfg, job["index"]))
+    for epoch in range(cfg.supernet.epochs):
+        trainer.train_epoch(epoch)
+    return bn_indicator(trainer.model).tolist()
+
+
+def _trial(job: dict) -> float:
+    """Plain stage 3, one trial: the pipeline's retraining code for ``epochs`` epochs."""
+    import torch
+    from torch import nn
+
+    from pipeline.common import resolve_space
+    from pipeline.data import build_datasets, make_loader
+    from pipeline.retrain import _optimizer, _steps_per_epoch, _train_epoch, evaluate
+    from pipeline.schedules import cosine_schedule
+    from pipeline.seeding import derive_seed
+    from search_spaces import build_subnet
+
+    torch.set_num_threads(job["threads"])
+    cfg, index = job["cfg"], job["index"]
+    r = cfg.retrain
+    splits = build_datasets(cfg.data, seed=cfg.seed)
+    info = splits.info
+    space = resolve_space(cfg, info.in_channels, info.num_classes, info.image_size)
+    torch.manual_seed(derive_seed(cfg.seed, "init", index))
+    model = build_subnet(space, tuple(job["arch"]))
+    optimizer = _optimizer(model, cfg)
+    drop_last = len(splits.train) > r.batch_size
+    scheduler = cosine_schedule(optimizer, r.epochs * _steps_per_epoch(len(splits.train), r.batch_size, drop_last))
+    criterion = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
+    val_loader = make_loader(splits.val, r.batch_size, shuffle=False)
+    device = torch.device("cpu")
+    acc = 0.0
+    for epoch in range(job["epochs"]):
+        torch.manual_seed(derive_seed(cfg.seed, "augment", index, epoch))
+        loader = make_loader(splits.train, r.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, drop_last=drop_last)
+        _train_epoch(model, loader, optimizer, criterion, device, scheduler)
+        acc, _ = evaluate(model, val_loader, device)
+    return acc
+
+
+def plain(cfg, trials: pd.DataFrame, cpus: int) -> dict[str, float]:
+    """The same work as the pipeline's three stages, no Ray; wall seconds per stage."""
+    from pipeline.budgets import make_budgets
+    from pipeline.common import resolve_space
+    from pipeline.data import build_datasets
+    from pipeline.search.evolution import evolve
+    from pipeline.search.exact import exact_search
+    from search_spaces import arch_scores
+
+    times = {}
+    sc, ctx = cfg.supernet, mp.get_context("spawn")
+    threads = max(1, int(sc.cpus_per_worker))
+    t0 = time.perf_counter()
+    with ctx.Pool(sc.seeds) as pool:
+        tables = pool.map(_supernet_seed, [{"cfg": cfg, "index": i, "threads": threads} for i in range(sc.seeds)])
+    times["supernet"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    splits = build_datasets(cfg.data, seed=cfg.seed)
+    space = resolve_space(cfg, splits.info.in_channels, splits.info.num_classes, splits.info.image_size)
+    table = np.mean([np.asarray(t, dtype=float) for t in tables], 0)
+    budgets = make_budgets(cfg.search, space)
+    q = cfg.search
+    if q.method in ("exact", "both"):
+        exact_search(table, budgets, q.top_n)
+    if q.method in ("evolution", "both"):
+        evolve(budgets, lambda archs: arch_scores(table, archs), q, cfg.seed,
+               progress=lambda s: None)
+    times["search"] = time.perf_counter() - t0
+
+    r = cfg.retrain
+    t0 = time.perf_counter()
+    at_once = max(1, int(cpus // r.cpus_per_trial))
+    if r.max_concurrent:
+        at_once = min(at_once, r.max_concurrent)
+    jobs = [{"cfg": cfg, "index": i, "arch": [int(a) for a in row["arch"]], "epochs": int(row["epochs_run"]),
+             "threads": max(1, int(r.cpus_per_trial))} for i, row in enumerate(trials.to_dict("records"))]
+    with ctx.Pool(min(at_once, len(jobs))) as pool:
+        pool.map(_trial, jobs)
+    times["retrain"] = time.perf_counter() - t0
+    return times
+
+
+def main(argv=None) -> int:
+    import ray
+
+    from pipeline.common import ensure_ray
+    from pipeline.config import load_config
+    from pipeline.run import run_pipeline
+    from pipeline.storage import RunDir
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--set", action="append", default=[], help="a config override, for both sides")
+    ap.add_argument("--label", default="", help="a name for this measurement (before / after a change)")
+    args = ap.parse_args(argv)
+    print(f"== overhead: {machine()}; overrides: {' '.join(args.set) or '(none)'}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(None, [*args.set, f"run_dir={tmp}/run"])
+        t0 = time.perf_counter()
+        ensure_ray(cfg)
+        ray_s = time.perf_counter() - t0
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        t0 = time.perf_counter()
+        stages = run_pipeline(cfg, RunDir(cfg.run_dir), ["supernet", "search", "retrain"])
+        pipe_total = time.perf_counter() - t0 + ray_s
+        trials = pd.read_parquet(f"{tmp}/run/retrain/trials.parquet")
+        ray.shutdown()
+        print("== the same work without Ray", flush=True)
+        t0 = time.perf_counter()
+        flat = plain(cfg, trials, cpus)
+        plain_total = time.perf_counter() - t0
+    rows = [{"stage": "ray start", "pipeline_s": ray_s, "plain_s": 0.0, "ratio": float("nan")}]
+    rows += [{"stage": s, "pipeline_s": stages[s], "plain_s": flat[s], "ratio": stages[s] / flat[s]} for s in flat]
+    rows.append({"stage": "total", "pipeline_s": pipe_total, "plain_s": plain_total, "ratio": pipe_total / plain_total})
+    df = pd.DataFrame(rows)
+    df.insert(0, "label", args.label or "-")
+    write_table("overhead", df.round(3), f"trials retrained: {len(trials)}, epochs {trials['epochs_run'].tolist()}; "
+                f"{cpus} CPUs. Targets: total <= 1.10, every stage over 30 s <= 1.15.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
