@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     se = 100 * math.sqrt(max(b["test_acc"] * (1 - b["test_acc"]), 1e-9) / b["test_samples"]
                          + max(s["test_acc"] * (1 - s["test_acc"]), 1e-9) / s["test_samples"])
     lines = [
-        f"Fashion-MNIST fraction {fraction:g}, mobilenet_small, budget 5M multiply-adds (the default), seed {args.seed}; "
+        f"Fashion-MNIST fraction {fraction:g}, the default space and budget (5M multiply-adds), seed {args.seed}; "
         f"supernet 2 Ray Train workers; evolution population {pop}, {gens} generations ({parents} parents, "
         f"{half} mutations, {half} crossovers) on both sides; acc indicator {calib} calibration + {valb} validation "
         f"batches; each pick retrained {retrain_epochs} epochs (Ray Tune, same recipe). Ray started once beforehand "
