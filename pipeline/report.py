@@ -583,7 +583,7 @@ def _plot_retrain_curves(run: RunDir) -> str:
     if stopped:
         handles.append(Line2D([], [], marker="x", color="#d62728", linestyle="none", markersize=10,
                               markeredgewidth=2.5))
-        labels.append(f"stopped by {_scheduler(run)[0]} ({len(stopped)})")
+        labels.append(f"stopped by {_scheduler(_retrain_result(run))[0]} ({len(stopped)})")
     axes[0].legend(handles, labels, fontsize=8.5, loc="lower right", framealpha=0.9)
     if has_loss:
         axes[1].set_xlabel("epoch")
@@ -676,9 +676,9 @@ def summary_table(run: RunDir, timings: dict[str, float] | None = None) -> pd.Da
     return pd.DataFrame([row])
 
 
-def _scheduler(run: RunDir) -> tuple[str, str]:
-    """(name, what it promises) of the scheduler stage 3 ran (retrain/result.json)."""
-    kind = (_retrain_result(run) or {}).get("scheduler", "asha")  # runs before the setting were ASHA's
+def _scheduler(result: dict | None) -> tuple[str, str]:
+    """(name, what it promises) of the scheduler stage 3 ran (``result``: retrain/result.json)."""
+    kind = (result or {}).get("scheduler", "asha")  # runs before the setting were ASHA's
     if kind == "sync":
         return "sync halving", "(synchronous successive halving: the same trials stop for the same seed)"
     return "ASHA", "(asynchronous: which trials stop depends on the order of results; freed CPUs went to the survivors)"
@@ -688,6 +688,7 @@ def format_summary(run: RunDir, timings: dict[str, float] | None = None) -> str:
     """The final summary for the terminal: a small aligned key/value table."""
     row = summary_table(run, timings).iloc[0]
     s = _search_result(run) or {}
+    retrain = _retrain_result(run)
     budget = _num(s.get("max_flops"))
     madds = _fmt_m(row["multiply_adds"])
     if _is_num(budget) and budget > 0:
@@ -704,8 +705,8 @@ def format_summary(run: RunDir, timings: dict[str, float] | None = None) -> str:
         ("ranking", _run_reproducibility(run)),
         ("val accuracy", _fmt_pct(row["val_acc"])),
         ("test accuracy", _fmt_pct(row["test_acc"])),
-        ("retraining", f"{_fmt_float(row['retrain_epochs'], 0)} epochs, scheduler {_scheduler(run)[0]}"
-         if _retrain_result(run) else "-"),
+        ("retraining", f"{_fmt_float(row['retrain_epochs'], 0)} epochs, scheduler {_scheduler(retrain)[0]}"
+         if retrain else "-"),
         ("time", f"{stage_times}  (total {_fmt_time(row['time_total_s'])})"),
         ("report", _uri(run, f"{REPORT_DIR}/{FILES['summary']}")),
     ]
@@ -799,7 +800,7 @@ def _summary_md(run: RunDir, timings: dict[str, float] | None, written: dict[str
 
     out += ["## Retraining", ""]
     if ret:
-        out += [f"Scheduler: {' '.join(_scheduler(run))} (`retrain.scheduler: {ret.get('scheduler', 'asha')}`, "
+        out += [f"Scheduler: {' '.join(_scheduler(ret))} (`retrain.scheduler: {ret.get('scheduler', 'asha')}`, "
                 "docs/reliability.md).", ""]
     t_idx = _trials(run)
     if t_idx is not None and not t_idx.empty:
@@ -810,7 +811,7 @@ def _summary_md(run: RunDir, timings: dict[str, float] | None, written: dict[str
             name = f"**{t['trial']} (winner)**" if win is not None and t["trial"] == win else str(t["trial"])
             rows.append([name, f"`{ops}`", t.get("epochs_run", "-"), _fmt_pct(t.get("best_val_acc")),
                          _fmt_pct(t.get("final_val_acc")),
-                         f"{_scheduler(run)[0]} stop" if bool(t.get("stopped_early")) else "completed",
+                         f"{_scheduler(ret)[0]} stop" if bool(t.get("stopped_early")) else "completed",
                          _fmt_m(t.get("flops")), _fmt_float(t.get("score")), _fmt_pct(t.get("test_acc"))])
         out += [_md_table(["trial", "architecture", "epochs", "best val", "final val", "end", "multiply-adds",
                            "BN score", "test"], rows, "llrrrlrrr"), ""]
