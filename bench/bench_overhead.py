@@ -11,12 +11,15 @@ both), one after the other:
   with the seeds' mean BN table, in this process. Stage 3: every trial the pipeline
   ran, for the epochs it ran (``retrain/trials.parquet``: ASHA's decisions taken as
   given), ``cpus / cpus_per_trial`` at once, one process each, with the pipeline's
-  retraining code (``retrain._train_epoch``, ``evaluate`` per epoch).
+  retraining code (``retrain._train_epoch``, ``evaluate`` per epoch); a trial takes its
+  share of the cores left by finished trials at its next epoch, as the pipeline's
+  survivors do at their next result.
 
 The ratio pipeline / plain per stage and for the whole run is the overhead a user pays
 for Ray (start-up, worker groups, checkpoints, actors, Tune's bookkeeping).
 
-    .venv/bin/python bench/bench_overhead.py                      # the default job (~10 min on 2 cores)
+    .venv/bin/python bench/bench_overhead.py                      # the default job (~13 min on 2 cores)
+    .venv/bin/python bench/bench_overhead.py --repeat 2           # pipeline, plain, plain, pipeline (~26 min)
     .venv/bin/python bench/bench_overhead.py --set data.fraction=0.2
 
 Writes bench/results/overhead.{md,csv}.
@@ -55,8 +58,19 @@ def _supernet_seed(job: dict) -> list:
     return bn_indicator(trainer.model).tolist()
 
 
+_LEFT = None  # trials not yet finished, shared by the plain side's trial processes
+
+
+def _share_count(left) -> None:
+    global _LEFT
+    _LEFT = left
+
+
 def _trial(job: dict) -> float:
-    """Plain stage 3, one trial: the pipeline's retraining code for ``epochs`` epochs."""
+    """Plain stage 3, one trial: the pipeline's retraining code for ``epochs`` epochs.
+
+    At each epoch's start a trial takes its share of the cores among the trials still
+    running, as the pipeline's survivors get freed CPUs at their next result."""
     import torch
     from torch import nn
 
@@ -67,7 +81,6 @@ def _trial(job: dict) -> float:
     from pipeline.seeding import derive_seed
     from search_spaces import build_subnet
 
-    torch.set_num_threads(job["threads"])
     cfg, index = job["cfg"], job["index"]
     r = cfg.retrain
     splits = build_datasets(cfg.data, seed=cfg.seed)
@@ -83,10 +96,13 @@ def _trial(job: dict) -> float:
     device = torch.device("cpu")
     acc = 0.0
     for epoch in range(job["epochs"]):
+        torch.set_num_threads(max(job["threads"], job["cpus"] // max(1, min(job["at_once"], _LEFT.value))))
         torch.manual_seed(derive_seed(cfg.seed, "augment", index, epoch))
         loader = make_loader(splits.train, r.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, drop_last=drop_last)
         _train_epoch(model, loader, optimizer, criterion, device, scheduler)
         acc, _ = evaluate(model, val_loader, device)
+    with _LEFT.get_lock():
+        _LEFT.value -= 1
     return acc
 
 
@@ -126,48 +142,71 @@ def plain(cfg, trials: pd.DataFrame, cpus: int) -> dict[str, float]:
     if r.max_concurrent:
         at_once = min(at_once, r.max_concurrent)
     jobs = [{"cfg": cfg, "index": i, "arch": [int(a) for a in row["arch"]], "epochs": int(row["epochs_run"]),
-             "threads": max(1, int(r.cpus_per_trial))} for i, row in enumerate(trials.to_dict("records"))]
-    with ctx.Pool(min(at_once, len(jobs))) as pool:
-        pool.map(_trial, jobs)
+             "threads": max(1, int(r.cpus_per_trial)), "cpus": cpus, "at_once": at_once}
+            for i, row in enumerate(trials.to_dict("records"))]
+    left = ctx.Value("i", len(jobs))
+    with ctx.Pool(min(at_once, len(jobs)), initializer=_share_count, initargs=(left,)) as pool:
+        pool.map(_trial, jobs, chunksize=1)
     times["retrain"] = time.perf_counter() - t0
     return times
 
 
-def main(argv=None) -> int:
+def _pipeline(cfg, tmp: str) -> tuple[dict[str, float], pd.DataFrame, int]:
+    """The pipeline's stages (and Ray's start) in seconds, its trials table, the CPUs."""
     import ray
 
     from pipeline.common import ensure_ray
-    from pipeline.config import load_config
     from pipeline.run import run_pipeline
     from pipeline.storage import RunDir
+
+    t0 = time.perf_counter()
+    ensure_ray(cfg)
+    times = {"ray start": time.perf_counter() - t0}
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    times.update(run_pipeline(cfg, RunDir(cfg.run_dir), ["supernet", "search", "retrain"]))
+    trials = pd.read_parquet(f"{cfg.run_dir}/retrain/trials.parquet")
+    ray.shutdown()
+    return times, trials, cpus
+
+
+def main(argv=None) -> int:
+    from pipeline.config import load_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--set", action="append", default=[], help="a config override, for both sides")
     ap.add_argument("--label", default="", help="a name for this measurement (before / after a change)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="pairs of runs, in the order pipeline, plain, plain, pipeline, ... (drift cancels)")
     args = ap.parse_args(argv)
-    print(f"== overhead: {machine()}; overrides: {' '.join(args.set) or '(none)'}", flush=True)
+    print(f"== overhead: {machine()}; overrides: {' '.join(args.set) or '(none)'}; {args.repeat} pair(s)", flush=True)
+    rows, trials, cpus = [], None, 1
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(None, [*args.set, f"run_dir={tmp}/run"])
-        t0 = time.perf_counter()
-        ensure_ray(cfg)
-        ray_s = time.perf_counter() - t0
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        t0 = time.perf_counter()
-        stages = run_pipeline(cfg, RunDir(cfg.run_dir), ["supernet", "search", "retrain"])
-        pipe_total = time.perf_counter() - t0 + ray_s
-        trials = pd.read_parquet(f"{tmp}/run/retrain/trials.parquet")
-        ray.shutdown()
-        print("== the same work without Ray", flush=True)
-        t0 = time.perf_counter()
-        flat = plain(cfg, trials, cpus)
-        plain_total = time.perf_counter() - t0
-    rows = [{"stage": "ray start", "pipeline_s": ray_s, "plain_s": 0.0, "ratio": float("nan")}]
-    rows += [{"stage": s, "pipeline_s": stages[s], "plain_s": flat[s], "ratio": stages[s] / flat[s]} for s in flat]
-    rows.append({"stage": "total", "pipeline_s": pipe_total, "plain_s": plain_total, "ratio": pipe_total / plain_total})
+        for rep in range(args.repeat):
+            cfg = load_config(None, [*args.set, f"run_dir={tmp}/run{rep}"])
+            pipe = flat = None
+            for side in (("pipeline", "plain") if rep % 2 == 0 else ("plain", "pipeline")):
+                print(f"== pair {rep + 1}: {side}" + (" (the same work without Ray)" if side == "plain" else ""),
+                      flush=True)
+                t0 = time.perf_counter()
+                if side == "pipeline":
+                    pipe, trials, cpus = _pipeline(cfg, tmp)
+                    pipe["total"] = time.perf_counter() - t0
+                else:  # the trials the pipeline ran (in an odd pair, the previous pair's)
+                    if trials is None:
+                        raise SystemExit("the plain side needs a pipeline run first")
+                    flat = plain(cfg, trials, cpus)
+                    flat["total"] = time.perf_counter() - t0
+            for stage in ("ray start", "supernet", "search", "retrain", "total"):
+                rows.append({"pair": rep + 1, "stage": stage, "pipeline_s": pipe[stage], "plain_s": flat.get(stage, 0.0)})
     df = pd.DataFrame(rows)
+    pooled = df.groupby("stage", sort=False)[["pipeline_s", "plain_s"]].sum().reset_index()
+    pooled.insert(0, "pair", "all")
+    df = pd.concat([df, pooled], ignore_index=True) if args.repeat > 1 else df
+    df["ratio"] = [p / f if f > 0 else float("nan") for p, f in zip(df.pipeline_s, df.plain_s)]
     df.insert(0, "label", args.label or "-")
     write_table("overhead", df.round(3), f"trials retrained: {len(trials)}, epochs {trials['epochs_run'].tolist()}; "
-                f"{cpus} CPUs. Targets: total <= 1.10, every stage over 30 s <= 1.15.")
+                f"{cpus} CPUs; pair 'all' = the sums over pairs. Targets: total <= 1.10, every stage over 30 s "
+                "<= 1.15.")
     return 0
 
 

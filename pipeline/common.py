@@ -4,6 +4,7 @@ dataset, reading another stage's output."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
@@ -61,13 +62,18 @@ def register_ops(ops: dict) -> None:
             register_op(name, factory)
 
 
+def cluster_address(cfg: Config) -> str:
+    """The Ray cluster this run joins (ray.address, else RAY_ADDRESS); "" = a local instance."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+
+
 def ensure_ray(cfg: Config) -> None:
     """Join the cluster named by ray.address / RAY_ADDRESS, or start Ray in-process."""
     import ray
 
     if ray.is_initialized():
         return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+    address = cluster_address(cfg)
     # Authentication is Ray's own: a local instance gets token authentication (Ray
     # 2.60's default, a token in ~/.ray/auth_token), a cluster is joined in its mode
     # (RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH / RAY_AUTH_TOKEN as the user set them).
@@ -92,6 +98,51 @@ def ensure_ray(cfg: Config) -> None:
         # address="local": always a fresh in-process instance; a bare ray.init() would
         # join whatever cluster /tmp/ray/ray_current_cluster names, even a dead one.
         ray.init(address="local", num_cpus=cfg.ray.num_cpus or None, log_to_driver=True)
+    _filter_worker_output()
+
+
+# Lines Ray's own processes print on every run that say nothing a user can act on. They
+# stay in Ray's session logs (/tmp/ray/session_latest/logs); everything else a worker
+# prints, warnings and errors included, still reaches the console.
+RAY_NOISE = re.compile("|".join([
+    r"Actor with class name: 'PreemptionWatcher' .* max_restarts",  # Train V2 controller, an E-line, every start
+    r"^Requesting resources: ",  # Train's worker-group start-up, in four lines
+    r"^Attempting to start training worker group ",
+    r"^Started training worker group of size ",
+    r"^- \(ip=[^)]*\) world_rank=\d+",
+    r"^Setting up process group for: ",
+    r"^Restored on \S+ from checkpoint: Checkpoint\(",  # Tune, on every resume; the trial's own line says it
+]))
+
+
+def ray_noise(line: str) -> bool:
+    return RAY_NOISE.search(line) is not None
+
+
+def _filter_worker_output() -> None:
+    """Drop ``RAY_NOISE`` lines from what Ray forwards to this console.
+
+    Ray has no public filter: ``log_to_driver`` is all or nothing, and ``ray.LoggingConfig``
+    sets levels inside workers, not what the driver prints (the E-line above comes from
+    C++). So the driver's printing handler is wrapped; a Ray without it prints as before.
+    """
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    for name, handle in list(dispatcher.handlers):
+        if name != "ray_print_logs" or getattr(handle, "filters_noise", False):
+            continue
+
+        def filtered(data: dict, _print=handle) -> None:
+            lines = [ln for ln in data.get("lines", []) if not ray_noise(ln)]
+            if lines:
+                _print({**data, "lines": lines})
+
+        filtered.filters_noise = True
+        # Same name: ray.shutdown() removes the handler by it.
+        dispatcher.remove_handler(name)
+        dispatcher.add_handler(name, filtered)
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,10 @@ class SearchConfig:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     batch_archs: int = 25  # architectures per actor call
+    # An additive indicator (bn) scores a search of at most this many architectures
+    # (population x generations) in the driver: its table lookups take microseconds, and
+    # starting actors seconds. 0 = always on the actors.
+    driver_max_archs: int = 1_000_000
     calib_batches: int = 20  # acc indicator: BN recalibration batches (SPOS used 200)
     val_batches: int = 10  # acc indicator: validation batches per architecture
 
@@ -313,6 +317,7 @@ def validate(cfg: Config) -> None:
         _check(getattr(q, k) >= 1, f"search.{k} must be >= 1, got {getattr(q, k)}")
     _check(q.parents <= q.population, "search.parents must not exceed search.population")
     _check(q.mutations >= 0 and q.crossovers >= 0, "search.mutations and search.crossovers must be >= 0")
+    _check(q.driver_max_archs >= 0, "search.driver_max_archs must be >= 0 (0 = always score on the actors)")
     _check(0 <= q.mutation_prob <= 1, "search.mutation_prob must be in [0, 1]")
     _check(q.cpus_per_actor > 0 and q.gpus_per_actor >= 0, "search.cpus_per_actor must be > 0, gpus_per_actor >= 0")
     _check(q.calib_batches >= 1 and q.val_batches >= 1, "search.calib_batches and val_batches must be >= 1")

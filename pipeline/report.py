@@ -614,14 +614,6 @@ def _stage_time(t: dict[str, float]) -> float:
     return t["elapsed"] if _is_num(t["elapsed"]) else t["wall"]
 
 
-def _authors_str(arch: Any, ops: str) -> str:
-    """The architecture in the authors' format (-1 = identity), from its choices and op names."""
-    key, names = _arch_key(arch), (ops or "").split(",")
-    if key is None or len(names) != len(key):
-        return ""
-    return _arch_str([-1 if n == "identity" else a for a, n in zip(key, names)])
-
-
 def _reproducibility(sup: dict | None) -> str:
     """Stage 1's verdict on its indicator: reproducible across seeds or not (one line)."""
     if not sup:
@@ -657,7 +649,8 @@ def summary_table(run: RunDir, timings: dict[str, float] | None = None) -> pd.Da
                 score = hit["score"].iloc[0]
     row: dict[str, Any] = {
         "arch": _arch_str(arch) if arch is not None else "",
-        "arch_authors": _authors_str(arch, ops),
+        # Written by the stage that chose it (the search, or retraining's winner); -1 = identity.
+        "arch_authors": _arch_str((r if from_retrain else s.get("best") or {}).get("arch_authors")),
         "ops": ops or "",
         "multiply_adds": _num(r.get("flops")) if from_retrain else _num(s.get("flops")),
         "params": _num(r.get("params")) if from_retrain else _num(s.get("params")),

@@ -118,6 +118,7 @@ def run_retrain(cfg: Config, run: RunDir, progress: Progress = print) -> dict:
     files = _export(run, space, winner, state["model"], test, progress)
     result = {
         "arch": list(winner["arch"]),
+        "arch_authors": space.authors_arch(winner["arch"]),  # -1 = identity
         "ops": space.op_names(winner["arch"]),
         "space": space.name,
         "fingerprint": space.fingerprint,
@@ -278,7 +279,13 @@ def _quiet_tune() -> None:
     # checkpoints a resumed trial reports, the wrapper's one-off note when
     # ResourceChangingScheduler checks reuse_actors (which it must be off for).
     logging.getLogger("ray.tune.schedulers.resource_changing_scheduler").setLevel(logging.WARNING)
+    # Its "Wrote the latest version of all result files" at the end (warnings still show).
+    logging.getLogger("ray.tune.tune").setLevel(logging.WARNING)
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's newer output engine prints its "Configuration for experiment" box, the results
+    # path and a TensorBoard hint even at verbose=0 (experiment_started ignores the level);
+    # its older reporter, which this selects, is silent at verbose=0.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     controller = logging.getLogger("ray.tune.execution.tune_controller")
     if not any(getattr(f, "bnnas", False) for f in controller.filters):
         def drop(record: logging.LogRecord) -> bool:

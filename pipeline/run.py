@@ -32,6 +32,7 @@ from .storage import RunDir, StorageError
 OPERATIONAL = {
     "run_dir", "progress_s", "ray.address", "ray.num_cpus", "data.root", "data.download", "data.num_workers",
     "search.num_actors", "search.cpus_per_actor", "search.gpus_per_actor", "search.batch_archs",
+    "search.driver_max_archs",
     "retrain.cpus_per_trial", "retrain.gpus_per_trial", "retrain.max_concurrent", "retrain.max_failures",
     "supernet.checkpoints_to_keep", "supernet.max_failures",
 }

@@ -26,8 +26,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from ray.tune import Stopper
-from ray.tune.execution.placement_groups import PlacementGroupFactory
+from ray.tune import PlacementGroupFactory, Stopper
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.schedulers.resource_changing_scheduler import DistributeResources, ResourceChangingScheduler

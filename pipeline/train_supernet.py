@@ -66,8 +66,8 @@ from search_spaces import SearchSpace, Supernet, bn_indicator, freeze, last_bn, 
 
 from .budgets import make_budgets
 from .checkpoints import load_intact
-from .common import (PipelineError, Progress, ensure_ray, read_stage_output, register_ops, resolve_space,
-                     resource_shortfall, space_ops)
+from .common import (PipelineError, Progress, cluster_address, ensure_ray, read_stage_output, register_ops,
+                     resolve_space, resource_shortfall, space_ops)
 from .config import Config
 from .data import Splits, build_datasets, make_loader
 from .faults import FaultSpec
@@ -445,6 +445,8 @@ def _quiet_ray_train_logs() -> None:
     checkpoint at INFO on each worker; rank 0's one progress line per epoch says it all."""
     import logging
 
+    # No public switch quiets just these: ray.LoggingConfig sets one level for all of a
+    # worker's loggers. So the loggers are named; a Ray without them leaves the noise.
     names = ["ray.train.v2._internal.execution.storage", "ray.train._internal.storage"]
     try:  # this module's logger is named after its file path
         from ray.train.v2._internal.execution import context as _ctx
@@ -720,6 +722,15 @@ def train_supernet(cfg: Config, run: RunDir, progress: Progress = print) -> dict
         checkpoint_config=CheckpointConfig(num_to_keep=sc.checkpoints_to_keep),
         failure_config=FailureConfig(max_failures=sc.max_failures),
     )
+    if not cluster_address(cfg):
+        # One machine of its own: Train's preemption watcher (an extra actor, and an E-line
+        # on every start) watches for spot nodes being drained, which only a cluster has;
+        # and polling the workers every 0.5 s instead of 2 s registers each epoch's report,
+        # and the end, sooner (BENCHMARKS.md §8). Ray passes both on to its controller.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    progress(f"supernet: starting {sc.num_workers} Ray Train worker(s), {sc.cpus_per_worker:g} CPU"
+             f"{' + 1 GPU' if sc.use_gpu else ''} each")
     # Written once training is about to produce checkpoints (not on a failed resource check).
     run.write_json(RUN_META, _run_meta(space, cfg))
     with _ProgressRelay(progress) as relay:

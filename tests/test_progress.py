@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.common import ray_noise
 from pipeline.progress import Ticker, eta, meter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +39,12 @@ def test_progress_lines_appear_within_an_epoch_when_stdout_is_a_file(tmp_path):
     text = log.read_text()
     assert proc.returncode == 0, text[-3000:]
     lines = text.splitlines()
+    # Ray's own start-up chatter stays in Ray's logs: Train's worker-group lines and its
+    # PreemptionWatcher E-line, Tune's experiment box (stdout and stderr both go to the file).
+    for noise in ("PreemptionWatcher", "Started training worker group", "Setting up process group",
+                  "Configuration for experiment", "View detailed results here", "tensorboard --logdir",
+                  "Wrote the latest version of all result files"):
+        assert noise not in text, text[-3000:]
 
     steps = [(i, int(m[1]), int(m[2])) for i, ln in enumerate(lines)
              if (m := re.match(r"supernet epoch 1/1 +\d+% (\d+)/(\d+) \[\d\d:\d\d<\d\d:\d\d, .*step/s\]  loss \S+  "
@@ -53,3 +60,21 @@ def test_progress_lines_appear_within_an_epoch_when_stdout_is_a_file(tmp_path):
                               r"train_loss \S+  \d+ img/s  trial ETA \d\d:\d\d$", ln)]
         end = next(i for i, ln in enumerate(lines) if re.match(rf"retrain: trial {trial}/2 .* epoch 1/1 val_acc", ln))
         assert inside and min(inside) < end, text[-3000:]
+
+
+def test_ray_noise_is_only_the_lines_a_user_can_do_nothing_about():
+    noise = ["[2026-12-07 00:49:48,583 E 3571 3603] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
+             "and ID: '1fbec15b' has constructor arguments in the object store and max_restarts > 0. If the ...",
+             "Requesting resources: {'CPU': 1.0} * 2",
+             "Attempting to start training worker group of size 2 with the following resources: [{'CPU': 1.0}] * 2",
+             "Started training worker group of size 2: ",
+             "- (ip=192.0.2.2, pid=3682) world_rank=0, local_rank=0, node_rank=0",
+             "Setting up process group for: env:// [rank=0, world_size=2]",
+             "Restored on 192.0.2.2 from checkpoint: Checkpoint(filesystem=local, path=/tmp/r1/retrain_tune/x)"]
+    kept = ["[2026-12-07 00:49:48,583 E 3571 3603] core_worker.cc:812: Actor with class name: 'RayTrainWorker' died",
+            "Traceback (most recent call last):", "RuntimeError: CUDA out of memory",
+            "WARNING: Requesting resources: none available for 60 s",
+            "supernet epoch 1/1  loss 1.3565", "Training worker group failed to start: timeout",
+            "Restored on 192.0.2.2 from checkpoint: failed to read metadata"]
+    assert [ray_noise(ln) for ln in noise] == [True] * len(noise)
+    assert [ray_noise(ln) for ln in kept] == [False] * len(kept)

@@ -191,7 +191,8 @@ def _kill_run_config(tmp: Path) -> Path:
         # first registered checkpoint lands inside the second epoch.
         "supernet": {"epochs": 2, "batch_size": 2, "num_workers": 1, "seeds": 1, "max_failures": 1},
         "search": {"method": "both", "max_flops": 0.0, "population": 8, "generations": 3, "parents": 3,
-                   "mutations": 3, "crossovers": 3, "top_n": 2, "num_actors": 1, "batch_archs": 2},
+                   "mutations": 3, "crossovers": 3, "top_n": 2, "num_actors": 1, "batch_archs": 2,
+                   "driver_max_archs": 0},  # on the actors, as a big search is: a kill lands mid-search
         # The reproducible scheduler (sync halving): at the rung after epoch 1 one of the
         # two trials stops, the same one whatever the order of results and the kills.
         "retrain": {"epochs": 2, "batch_size": 64, "grace_period": 1, "scheduler": "sync", "max_failures": 1},

@@ -554,10 +554,11 @@ def test_same_seed_same_result_with_1_or_2_actors_and_a_killed_actor(ray_local, 
 
     for n in (1, 2):
         cfg, run = setup_run(tmp_path / f"actors{n}", small_model, method="evolution", num_actors=n,
-                             **SMALL_EVOLUTION)
+                             driver_max_archs=0, **SMALL_EVOLUTION)
         result = run_search(cfg, run, progress=lambda s: None)
         assert_same_search(_scored(run), reference)
         assert result["actor_replacements"] == 0
+        assert result["scored_in"] == "actors" and result["n_scored_by_actors"] == 48
 
     killed = []
 
@@ -567,9 +568,28 @@ def test_same_seed_same_result_with_1_or_2_actors_and_a_killed_actor(ray_local, 
             ray.kill(pool.actors[slot])  # mid-batch: slow_bn sleeps 0.2 s per batch
 
     cfg, run = setup_run(tmp_path / "kill", small_model, method="evolution", indicator=slow_indicator,
-                         num_actors=2, **SMALL_EVOLUTION)
+                         num_actors=2, driver_max_archs=0, **SMALL_EVOLUTION)
     result = run_search(cfg, run, progress=lambda s: None, hooks=SearchHooks(on_submit=kill_one))
     assert killed and result["actor_replacements"] >= 1
+    assert_same_search(_scored(run), reference)
+
+
+def test_small_bn_search_is_scored_in_the_driver_with_the_actors_result(tmp_path, small_model, monkeypatch):
+    """No Ray at all: 48 architectures of an additive indicator are table lookups. The
+    scored table is the actors' (the test above), and the threshold is inclusive."""
+    import pipeline.search.stage as stage
+
+    def no_ray(*a, **k):
+        raise AssertionError("the search started Ray or its actors")
+
+    monkeypatch.setattr(stage, "ensure_ray", no_ray)
+    monkeypatch.setattr(stage, "ScorerPool", no_ray)
+    reference = in_process_evolution(small_model, seed=0)
+    cfg, run = setup_run(tmp_path, small_model, method="evolution", driver_max_archs=12 * 4, **SMALL_EVOLUTION)
+    lines = []
+    result = run_search(cfg, run, progress=lines.append)
+    assert (result["scored_in"], result["n_scored_by_actors"], result["n_scored"]) == ("driver", 0, 48)
+    assert any("scoring in the driver" in line for line in lines)
     assert_same_search(_scored(run), reference)
 
 
@@ -584,7 +604,8 @@ def test_interrupted_search_resumes_from_its_cache(ray_local, tmp_path, small_mo
         if gen == 2:
             raise Crash()
 
-    cfg, run = setup_run(tmp_path, small_model, method="evolution", num_actors=1, **SMALL_EVOLUTION)
+    cfg, run = setup_run(tmp_path, small_model, method="evolution", num_actors=1, driver_max_archs=0,
+                         **SMALL_EVOLUTION)
     with pytest.raises(Crash):
         run_search(cfg, run, progress=lambda s: None, hooks=SearchHooks(on_generation=crash))
     assert run.exists("search/cache.parquet") and not run.exists("search/result.json")

@@ -45,6 +45,30 @@ class ScorerActor:
         return scores, os.getpid(), start, time.time()
 
 
+class DriverScorer:
+    """The pool's interface, scoring in this process: for additive indicators on searches
+    small enough that starting actors (seconds) costs more than all the scoring (a table
+    lookup: about 10 million architectures a second, BENCHMARKS.md §2)."""
+
+    replacements = 0
+    n_scored_by_actors = 0
+
+    def __init__(self, indicator_cls: type[Indicator], payload: dict):
+        self.indicator = indicator_cls(payload, "cpu")
+        self.n_scored = 0
+        self.busy_s = 0.0
+
+    def score(self, archs: np.ndarray, batch_size: int = 0) -> np.ndarray:
+        start = time.perf_counter()
+        scores = np.asarray(self.indicator.score(np.ascontiguousarray(archs, dtype=np.int64)), dtype=np.float64)
+        self.busy_s += time.perf_counter() - start
+        self.n_scored += len(scores)
+        return scores
+
+    def shutdown(self) -> None:
+        pass
+
+
 @dataclass
 class SearchHooks:
     """Test hooks: ``on_submit(pool, slot, n_submitted)`` after each batch is sent to an actor;
@@ -147,6 +171,10 @@ class ScorerPool:
         self.busy_s += time.perf_counter() - start
         self.n_scored += len(archs)
         return np.concatenate(results)
+
+    @property
+    def n_scored_by_actors(self) -> int:
+        return self.n_scored
 
     def shutdown(self) -> None:
         import ray

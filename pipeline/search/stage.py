@@ -12,8 +12,9 @@ Reads ``supernet/final.pt`` (written by stage 1) and writes, under ``search/``:
 - ``result.json`` LAST: its presence means the stage finished; a rerun returns it.
 
 ``run_search`` reads top to bottom: check the inputs, then the exact solver (additive
-indicators only, milliseconds), then the evolution on the Ray actor pool, then compare
-the two and write the outputs. The helpers follow in that order.
+indicators only, milliseconds), then the evolution (scored on the Ray actor pool, or in
+the driver for an additive indicator on a search of up to ``search.driver_max_archs``),
+then compare the two and write the outputs. The helpers follow in that order.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from ..util import one_line
 from .evolution import NoCandidatesError, Record, evolve
 from .exact import exact_search
 from .indicators import Indicator, get_indicator
-from .pool import ScorerPool, SearchHooks
+from .pool import DriverScorer, ScorerPool, SearchHooks
 
 SCORED_FILE = "search/scored.parquet"
 TOPN_FILE = "search/topn.parquet"
@@ -121,6 +122,7 @@ def run_search(cfg: Config, run: RunDir, progress: Progress = print, *,
         "evolution_s": evolution.seconds,
         "elapsed_s": elapsed,
         "archs_per_sec": evolution.pool_stats.get("archs_per_sec"),
+        "scored_in": evolution.pool_stats.get("scored_in"),  # driver (small additive searches) | actors
         "n_scored_by_actors": evolution.pool_stats.get("n_scored_by_actors", 0),
         "actor_replacements": evolution.pool_stats.get("actor_replacements", 0),
         "supernet_epoch": ckpt.get("epoch"),
@@ -207,7 +209,7 @@ class _Evolution:
 def _run_evolution(cfg: Config, run: RunDir, ckpt: dict, indicator_cls: type[Indicator], payload: dict,
                    budgets: Budgets, hooks: SearchHooks, progress: Progress, *, exact_found: bool) -> _Evolution:
     q = cfg.search
-    ensure_ray(cfg)
+    in_driver = indicator_cls.additive and q.population * q.generations <= q.driver_max_archs
     key = _scoring_key(cfg, ckpt)
     cache = _load_cache(run, key, progress)
 
@@ -219,8 +221,14 @@ def _run_evolution(cfg: Config, run: RunDir, ckpt: dict, indicator_cls: type[Ind
             hooks.on_generation(recs[-1].generation)
 
     out = _Evolution()
-    pool = ScorerPool(indicator_cls, payload, num_actors=q.num_actors, num_cpus=q.cpus_per_actor,
-                      num_gpus=q.gpus_per_actor, hooks=hooks)
+    if in_driver:
+        pool = DriverScorer(indicator_cls, payload)
+        progress(f"search: scoring in the driver (indicator {q.indicator} is a table lookup; "
+                 f"{q.population * q.generations} architectures at most <= search.driver_max_archs)")
+    else:
+        ensure_ray(cfg)
+        pool = ScorerPool(indicator_cls, payload, num_actors=q.num_actors, num_cpus=q.cpus_per_actor,
+                          num_gpus=q.gpus_per_actor, hooks=hooks)
     t0 = time.perf_counter()
     try:
         out.records = evolve(budgets, lambda a: pool.score(a, q.batch_archs), q, cfg.seed, cache=cache,
@@ -234,7 +242,8 @@ def _run_evolution(cfg: Config, run: RunDir, ckpt: dict, indicator_cls: type[Ind
     finally:
         pool.shutdown()
     out.seconds = time.perf_counter() - t0
-    out.pool_stats = {"n_scored_by_actors": pool.n_scored, "actor_replacements": pool.replacements,
+    out.pool_stats = {"scored_in": "driver" if in_driver else "actors",
+                      "n_scored_by_actors": pool.n_scored_by_actors, "actor_replacements": pool.replacements,
                       "archs_per_sec": pool.n_scored / pool.busy_s if pool.busy_s > 0 else None}
     return out
 
