@@ -11,7 +11,7 @@ both), one after the other:
   with the seeds' mean BN table, in this process. Stage 3: every trial the pipeline
   ran, for the epochs it ran (``retrain/trials.parquet``: ASHA's decisions taken as
   given), ``cpus / cpus_per_trial`` at once, one process each, with the pipeline's
-  retraining code (``retrain._train_epoch``, ``evaluate`` per epoch); a trial takes its
+  retraining code (``retrain.Standalone``: the trial's setup, epochs and validation); a trial takes its
   share of the cores left by finished trials at its next epoch, as the pipeline's
   survivors do at their next result.
 
@@ -72,35 +72,21 @@ def _trial(job: dict) -> float:
     At each epoch's start a trial takes its share of the cores among the trials still
     running, as the pipeline's survivors get freed CPUs at their next result."""
     import torch
-    from torch import nn
 
     from pipeline.common import resolve_space
-    from pipeline.data import build_datasets, make_loader
-    from pipeline.retrain import _optimizer, _steps_per_epoch, _train_epoch, evaluate
-    from pipeline.schedules import cosine_schedule
-    from pipeline.seeding import derive_seed
-    from search_spaces import build_subnet
+    from pipeline.data import build_datasets
+    from pipeline.retrain import Standalone
 
     cfg, index = job["cfg"], job["index"]
-    r = cfg.retrain
     splits = build_datasets(cfg.data, seed=cfg.seed)
     info = splits.info
     space = resolve_space(cfg, info.in_channels, info.num_classes, info.image_size)
-    torch.manual_seed(derive_seed(cfg.seed, "init", index))
-    model = build_subnet(space, tuple(job["arch"]))
-    optimizer = _optimizer(model, cfg)
-    drop_last = len(splits.train) > r.batch_size
-    scheduler = cosine_schedule(optimizer, r.epochs * _steps_per_epoch(len(splits.train), r.batch_size, drop_last))
-    criterion = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
-    val_loader = make_loader(splits.val, r.batch_size, shuffle=False)
-    device = torch.device("cpu")
+    trial = Standalone(cfg, space, job["arch"], seed=cfg.seed, index=index, splits=splits)
     acc = 0.0
     for epoch in range(job["epochs"]):
         torch.set_num_threads(max(job["threads"], job["cpus"] // max(1, min(job["at_once"], _LEFT.value))))
-        torch.manual_seed(derive_seed(cfg.seed, "augment", index, epoch))
-        loader = make_loader(splits.train, r.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, drop_last=drop_last)
-        _train_epoch(model, loader, optimizer, criterion, device, scheduler)
-        acc, _ = evaluate(model, val_loader, device)
+        trial.train_epoch(epoch)
+        acc, _ = trial.validate()
     with _LEFT.get_lock():
         _LEFT.value -= 1
     return acc

@@ -107,34 +107,24 @@ def _config(job: dict):
 def _standalone(job: dict) -> dict:
     """One architecture from scratch with the retraining recipe, seed ``job['index']``."""
     import torch
-    from torch import nn
 
     from pipeline.common import resolve_space
-    from pipeline.data import build_datasets, make_loader
-    from pipeline.retrain import _optimizer, _steps_per_epoch, _train_epoch, evaluate
-    from pipeline.schedules import cosine_schedule
+    from pipeline.data import build_datasets
+    from pipeline.retrain import Standalone
     from pipeline.seeding import derive_seed
-    from search_spaces import build_subnet
 
     torch.set_num_threads(1)
     cfg = _config(job)
     splits = build_datasets(cfg.data, seed=cfg.seed)  # the same split for every seed
     info = splits.info
     space = resolve_space(cfg, info.in_channels, info.num_classes, info.image_size)
-    r, seed, device = cfg.retrain, derive_seed(cfg.seed, "standalone", job["index"]), torch.device("cpu")
-    torch.manual_seed(derive_seed(seed, "init", 0))
-    model = build_subnet(space, tuple(job["arch"]))
-    optimizer = _optimizer(model, cfg)
-    drop_last = len(splits.train) > r.batch_size
-    scheduler = cosine_schedule(optimizer, r.epochs * _steps_per_epoch(len(splits.train), r.batch_size, drop_last))
-    criterion = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
+    trial = Standalone(cfg, space, job["arch"], seed=derive_seed(cfg.seed, "standalone", job["index"]), index=0,
+                       splits=splits)
     t0 = time.perf_counter()
-    for epoch in range(r.epochs):
-        torch.manual_seed(derive_seed(seed, "augment", 0, epoch))
-        loader = make_loader(splits.train, r.batch_size, shuffle=True, seed=seed, epoch=epoch, drop_last=drop_last)
-        _train_epoch(model, loader, optimizer, criterion, device, scheduler)
+    for epoch in range(cfg.retrain.epochs):
+        trial.train_epoch(epoch)
     seconds = time.perf_counter() - t0
-    test_acc, _ = evaluate(model, make_loader(splits.test, r.batch_size, shuffle=False), device)
+    test_acc, _ = trial.validate("test")
     return {"kind": "standalone", "arch_i": job["arch_i"], "index": job["index"], "test_acc": test_acc,
             "seconds": seconds}
 

@@ -383,16 +383,8 @@ def retrain_trial(config: dict, *, cfg: Config, space: SearchSpace, ops: dict, r
     if r.scheduler == "sync" and device.type == "cuda":  # the same kernels every run (CPU results already are)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
-    splits = build_datasets(cfg.data, seed=cfg.seed)
-    torch.manual_seed(derive_seed(cfg.seed, "init", index))  # the initial weights: one seed per architecture
-    model = build_subnet(space, arch).to(device, memory_format=torch.channels_last)
-    optimizer = _optimizer(model, cfg)
-    drop_last = len(splits.train) > r.batch_size  # a 1-sample batch breaks BatchNorm
-    # Cosine over max_t epochs, stepped per batch: it reaches 0 at the last step, which a
-    # per-epoch step would not in a 3-4 epoch schedule. A stopped trial never reaches the
-    # end; a resumed one continues the same curve (the step count is in its checkpoint).
-    scheduler = cosine_schedule(optimizer, r.epochs * _steps_per_epoch(len(splits.train), r.batch_size, drop_last))
-    criterion = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
+    job = Standalone(cfg, space, arch, seed=cfg.seed, index=index, device=device)
+    model, optimizer, scheduler = job.model, job.optimizer, job.scheduler
 
     start_epoch, best_val_acc, history, notes = 0, 0.0, [], []
     state = _resume_state(run_uri, tune.get_checkpoint(), notes.append)
@@ -417,26 +409,19 @@ def retrain_trial(config: dict, *, cfg: Config, space: SearchSpace, ops: dict, r
     if history:
         report({**history[-1], "best_val_acc": best_val_acc, "arch_index": index, "replayed": True,
                 "threads": threads})
-    val_loader = make_loader(splits.val, r.batch_size, shuffle=False)
     for epoch in range(start_epoch, r.epochs):
         t0 = time.time()
-        # Seeded per epoch, so augmentation draws are the same whether or not the trial
-        # was interrupted before this epoch (the loader's order is fixed by (seed, epoch)).
-        torch.manual_seed(derive_seed(cfg.seed, "augment", index, epoch))
-        loader = make_loader(splits.train, r.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                             drop_last=drop_last, num_workers=cfg.data.num_workers)
         try:
             name = f"trial {index + 1}/{len(config['archs'])} {list(arch)} epoch {epoch + 1}/{r.epochs}"
-            train_loss = _train_epoch(model, loader, optimizer, criterion, device, scheduler,
-                                      guard=FiniteGuard(device), epoch=epoch,
-                                      tick=(Ticker(cfg.progress_s), lambda line: send(events, f"retrain: {name} {line}"),
-                                            r.epochs - epoch - 1) if events is not None else None)
+            tick = ((Ticker(cfg.progress_s), lambda line: send(events, f"retrain: {name} {line}"), r.epochs - epoch - 1)
+                    if events is not None else None)
+            train_loss = job.train_epoch(epoch, guard=FiniteGuard(device), tick=tick)
             check_weights(model.state_dict(), epoch, optimizer.param_groups[0]["lr"])
         except NonFinite as e:  # no checkpoint: the stage stops (StopOnNonFinite) with this line
             tune.report({"epoch": epoch, "val_acc": float("nan"), "arch_index": index, "nonfinite": str(e),
                          "notes": notes[:]})
             return
-        val_acc, val_loss = evaluate(model, val_loader, device)
+        val_acc, val_loss = job.validate()
         best_val_acc = max(best_val_acc, val_acc)
         metrics = {"epoch": epoch + 1, "val_acc": val_acc, "val_loss": val_loss, "train_loss": train_loss,
                    "best_val_acc": best_val_acc, "lr": optimizer.param_groups[0]["lr"],
@@ -447,6 +432,46 @@ def retrain_trial(config: dict, *, cfg: Config, space: SearchSpace, ops: dict, r
         history.append({k: metrics[k] for k in ("epoch", "val_acc", "val_loss", "train_loss", "lr", "start_epoch",
                                                 "epoch_s", "threads")})
         report(metrics)
+
+
+class Standalone:
+    """One architecture from random init with the retraining recipe: a trial's model,
+    optimizer, schedule and per-epoch data, which the benchmarks train without Tune too.
+
+    ``seed`` and ``index`` fix the initial weights and every epoch's data order and
+    augmentation draws, so an epoch is the same whether or not training was interrupted
+    before it.
+    """
+
+    def __init__(self, cfg: Config, space: SearchSpace, arch: Sequence[int], *, seed: int, index: int,
+                 device: torch.device | str = "cpu", splits=None):
+        r = cfg.retrain
+        self.cfg, self.seed, self.index, self.device = cfg, seed, index, torch.device(device)
+        self.splits = splits if splits is not None else build_datasets(cfg.data, seed=cfg.seed)
+        torch.manual_seed(derive_seed(seed, "init", index))  # the initial weights: one seed per architecture
+        self.model = build_subnet(space, tuple(arch)).to(self.device, memory_format=torch.channels_last)
+        self.optimizer = _optimizer(self.model, cfg)
+        self.drop_last = len(self.splits.train) > r.batch_size  # a 1-sample batch breaks BatchNorm
+        # Cosine over max_t epochs, stepped per batch: it reaches 0 at the last step, which a
+        # per-epoch step would not in a 3-4 epoch schedule. A stopped trial never reaches the
+        # end; a resumed one continues the same curve (the step count is in its checkpoint).
+        self.scheduler = cosine_schedule(
+            self.optimizer, r.epochs * _steps_per_epoch(len(self.splits.train), r.batch_size, self.drop_last))
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
+
+    def train_epoch(self, epoch: int, **kw) -> float:
+        """Epoch ``epoch`` (0-based); ``kw`` goes to ``_train_epoch`` (guard, tick). The mean loss."""
+        r = self.cfg.retrain
+        torch.manual_seed(derive_seed(self.seed, "augment", self.index, epoch))
+        loader = make_loader(self.splits.train, r.batch_size, shuffle=True, seed=self.seed, epoch=epoch,
+                             drop_last=self.drop_last, num_workers=self.cfg.data.num_workers)
+        return _train_epoch(self.model, loader, self.optimizer, self.criterion, self.device, self.scheduler,
+                            epoch=epoch, **kw)
+
+    def validate(self, split: str = "val") -> tuple[float, float]:
+        """Accuracy and loss on the validation (or ``"test"``) split."""
+        data = getattr(self.splits, split)
+        return evaluate(self.model, make_loader(data, self.cfg.retrain.batch_size, shuffle=False), self.device)
 
 
 def _threads(cfg: Config) -> int:

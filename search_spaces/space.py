@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -119,7 +120,7 @@ class SearchSpace:
             ch = s.out if s.type in ("conv", "op") else ch
         return ch
 
-    @property
+    @cached_property  # a frozen space's layers never change; validate() reads them per architecture
     def layers(self) -> tuple[Layer, ...]:
         out, cin = [], self.stem_channels
         fixed = set(self.identity_layers)
