@@ -11,15 +11,15 @@ both), one after the other:
   with the seeds' mean BN table, in this process. Stage 3: every trial the pipeline
   ran, for the epochs it ran (``retrain/trials.parquet``: ASHA's decisions taken as
   given), ``cpus / cpus_per_trial`` at once, one process each, with the pipeline's
-  retraining code (``retrain.Standalone``: the trial's setup, epochs and validation); a trial takes its
-  share of the cores left by finished trials at its next epoch, as the pipeline's
-  survivors do at their next result.
+  retraining code (``retrain.Standalone``: the trial's setup, epochs and validation),
+  each epoch on the threads the pipeline's trial had for it (``retrain/history.parquet``:
+  a survivor's freed CPUs included).
 
 The ratio pipeline / plain per stage and for the whole run is the overhead a user pays
 for Ray (start-up, worker groups, checkpoints, actors, Tune's bookkeeping).
 
     .venv/bin/python bench/bench_overhead.py                      # the default job (~13 min on 2 cores)
-    .venv/bin/python bench/bench_overhead.py --repeat 2           # pipeline, plain, plain, pipeline (~26 min)
+    .venv/bin/python bench/bench_overhead.py --repeat 2           # two pairs, summed (~26 min)
     .venv/bin/python bench/bench_overhead.py --set data.fraction=0.2
 
 Writes bench/results/overhead.{md,csv}.
@@ -58,19 +58,9 @@ def _supernet_seed(job: dict) -> list:
     return bn_indicator(trainer.model).tolist()
 
 
-_LEFT = None  # trials not yet finished, shared by the plain side's trial processes
-
-
-def _share_count(left) -> None:
-    global _LEFT
-    _LEFT = left
-
-
 def _trial(job: dict) -> float:
-    """Plain stage 3, one trial: the pipeline's retraining code for ``epochs`` epochs.
-
-    At each epoch's start a trial takes its share of the cores among the trials still
-    running, as the pipeline's survivors get freed CPUs at their next result."""
+    """Plain stage 3, one trial: the pipeline's retraining code, each epoch on as many
+    threads as the pipeline's trial had for it (``retrain/history.parquet``)."""
     import torch
 
     from pipeline.common import resolve_space
@@ -83,16 +73,14 @@ def _trial(job: dict) -> float:
     space = resolve_space(cfg, info.in_channels, info.num_classes, info.image_size)
     trial = Standalone(cfg, space, job["arch"], seed=cfg.seed, index=index, splits=splits)
     acc = 0.0
-    for epoch in range(job["epochs"]):
-        torch.set_num_threads(max(job["threads"], job["cpus"] // max(1, min(job["at_once"], _LEFT.value))))
+    for epoch, threads in enumerate(job["threads"]):
+        torch.set_num_threads(threads)
         trial.train_epoch(epoch)
         acc, _ = trial.validate()
-    with _LEFT.get_lock():
-        _LEFT.value -= 1
     return acc
 
 
-def plain(cfg, trials: pd.DataFrame, cpus: int) -> dict[str, float]:
+def plain(cfg, trials: pd.DataFrame, history: pd.DataFrame, cpus: int) -> dict[str, float]:
     """The same work as the pipeline's three stages, no Ray; wall seconds per stage."""
     from pipeline.budgets import make_budgets
     from pipeline.common import resolve_space
@@ -127,18 +115,20 @@ def plain(cfg, trials: pd.DataFrame, cpus: int) -> dict[str, float]:
     at_once = max(1, int(cpus // r.cpus_per_trial))
     if r.max_concurrent:
         at_once = min(at_once, r.max_concurrent)
-    jobs = [{"cfg": cfg, "index": i, "arch": [int(a) for a in row["arch"]], "epochs": int(row["epochs_run"]),
-             "threads": max(1, int(r.cpus_per_trial)), "cpus": cpus, "at_once": at_once}
-            for i, row in enumerate(trials.to_dict("records"))]
-    left = ctx.Value("i", len(jobs))
-    with ctx.Pool(min(at_once, len(jobs)), initializer=_share_count, initargs=(left,)) as pool:
+    # ASHA's decisions and the freed CPUs as the pipeline's run had them: the epochs each
+    # trial ran, each on the threads it had (a race in the pipeline decides whether a
+    # survivor gets a freed core one epoch sooner or later; replaying it keeps that out).
+    jobs = [{"cfg": cfg, "index": int(row["trial"]), "arch": [int(a) for a in row["arch"]],
+             "threads": [int(t) for t in history[history.trial == row["trial"]].sort_values("epoch")["threads"]]}
+            for row in trials.to_dict("records")]
+    with ctx.Pool(min(at_once, len(jobs))) as pool:
         pool.map(_trial, jobs, chunksize=1)
     times["retrain"] = time.perf_counter() - t0
     return times
 
 
-def _pipeline(cfg, tmp: str) -> tuple[dict[str, float], pd.DataFrame, int]:
-    """The pipeline's stages (and Ray's start) in seconds, its trials table, the CPUs."""
+def _pipeline(cfg) -> tuple[dict[str, float], tuple[pd.DataFrame, pd.DataFrame], int]:
+    """The pipeline's stages (and Ray's start) in seconds, its trials and history tables, the CPUs."""
     import ray
 
     from pipeline.common import ensure_ray
@@ -151,8 +141,9 @@ def _pipeline(cfg, tmp: str) -> tuple[dict[str, float], pd.DataFrame, int]:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     times.update(run_pipeline(cfg, RunDir(cfg.run_dir), ["supernet", "search", "retrain"]))
     trials = pd.read_parquet(f"{cfg.run_dir}/retrain/trials.parquet")
+    history = pd.read_parquet(f"{cfg.run_dir}/retrain/history.parquet")
     ray.shutdown()
-    return times, trials, cpus
+    return times, (trials, history), cpus
 
 
 def main(argv=None) -> int:
@@ -161,37 +152,33 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--set", action="append", default=[], help="a config override, for both sides")
     ap.add_argument("--label", default="", help="a name for this measurement (before / after a change)")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="pairs of runs, in the order pipeline, plain, plain, pipeline, ... (drift cancels)")
+    ap.add_argument("--repeat", type=int, default=1, help="pairs of runs (pipeline, then plain), summed at the end")
     args = ap.parse_args(argv)
     print(f"== overhead: {machine()}; overrides: {' '.join(args.set) or '(none)'}; {args.repeat} pair(s)", flush=True)
-    rows, trials, cpus = [], None, 1
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeat):
             cfg = load_config(None, [*args.set, f"run_dir={tmp}/run{rep}"])
-            pipe = flat = None
-            for side in (("pipeline", "plain") if rep % 2 == 0 else ("plain", "pipeline")):
-                print(f"== pair {rep + 1}: {side}" + (" (the same work without Ray)" if side == "plain" else ""),
-                      flush=True)
-                t0 = time.perf_counter()
-                if side == "pipeline":
-                    pipe, trials, cpus = _pipeline(cfg, tmp)
-                    pipe["total"] = time.perf_counter() - t0
-                else:  # the trials the pipeline ran (in an odd pair, the previous pair's)
-                    if trials is None:
-                        raise SystemExit("the plain side needs a pipeline run first")
-                    flat = plain(cfg, trials, cpus)
-                    flat["total"] = time.perf_counter() - t0
+            print(f"== pair {rep + 1}: pipeline", flush=True)
+            t0 = time.perf_counter()
+            pipe, (trials, history), cpus = _pipeline(cfg)
+            pipe["total"] = time.perf_counter() - t0
+            print(f"== pair {rep + 1}: plain (the same work without Ray)", flush=True)
+            t0 = time.perf_counter()
+            flat = plain(cfg, trials, history, cpus)
+            flat["total"] = time.perf_counter() - t0
             for stage in ("ray start", "supernet", "search", "retrain", "total"):
                 rows.append({"pair": rep + 1, "stage": stage, "pipeline_s": pipe[stage], "plain_s": flat.get(stage, 0.0)})
+            threads = {int(t): list(g.sort_values("epoch")["threads"]) for t, g in history.groupby("trial")}
+            print(f"== pair {rep + 1}: epochs {trials['epochs_run'].tolist()}, threads per epoch {threads}", flush=True)
     df = pd.DataFrame(rows)
     pooled = df.groupby("stage", sort=False)[["pipeline_s", "plain_s"]].sum().reset_index()
     pooled.insert(0, "pair", "all")
     df = pd.concat([df, pooled], ignore_index=True) if args.repeat > 1 else df
     df["ratio"] = [p / f if f > 0 else float("nan") for p, f in zip(df.pipeline_s, df.plain_s)]
     df.insert(0, "label", args.label or "-")
-    write_table("overhead", df.round(3), f"trials retrained: {len(trials)}, epochs {trials['epochs_run'].tolist()}; "
-                f"{cpus} CPUs; pair 'all' = the sums over pairs. Targets: total <= 1.10, every stage over 30 s "
+    write_table("overhead", df.round(3), f"trials retrained: {len(trials)}, epochs {trials['epochs_run'].tolist()} "
+                f"(last pair); {cpus} CPUs; pair 'all' = the sums over pairs. Targets: total <= 1.10, every stage over 30 s "
                 "<= 1.15.")
     return 0
 
