@@ -458,6 +458,7 @@ class Standalone:
         self.scheduler = cosine_schedule(
             self.optimizer, r.epochs * _steps_per_epoch(len(self.splits.train), r.batch_size, self.drop_last))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
+        self._eval_loaders: dict = {}  # by split: the same unshuffled order every epoch
 
     def train_epoch(self, epoch: int, **kw) -> float:
         """Epoch ``epoch`` (0-based); ``kw`` goes to ``_train_epoch`` (guard, tick). The mean loss."""
@@ -470,8 +471,10 @@ class Standalone:
 
     def validate(self, split: str = "val") -> tuple[float, float]:
         """Accuracy and loss on the validation (or ``"test"``) split."""
-        data = getattr(self.splits, split)
-        return evaluate(self.model, make_loader(data, self.cfg.retrain.batch_size, shuffle=False), self.device)
+        if split not in self._eval_loaders:
+            self._eval_loaders[split] = make_loader(getattr(self.splits, split), self.cfg.retrain.batch_size,
+                                                    shuffle=False)
+        return evaluate(self.model, self._eval_loaders[split], self.device)
 
 
 def _threads(cfg: Config) -> int:
