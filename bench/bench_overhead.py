@@ -13,7 +13,8 @@ both), one after the other:
   given), ``cpus / cpus_per_trial`` at once, one process each, with the pipeline's
   retraining code (``retrain.Standalone``: the trial's setup, epochs and validation),
   each epoch on the threads the pipeline's trial had for it (``retrain/history.parquet``:
-  a survivor's freed CPUs included).
+  a survivor's freed CPUs included); then, as the pipeline's stage 3 ends, the winner's
+  test evaluation and export.
 
 The ratio pipeline / plain per stage and for the whole run is the overhead a user pays
 for Ray (start-up, worker groups, checkpoints, actors, Tune's bookkeeping).
@@ -58,9 +59,9 @@ def _supernet_seed(job: dict) -> list:
     return bn_indicator(trainer.model).tolist()
 
 
-def _trial(job: dict) -> float:
+def _trial(job: dict) -> dict:
     """Plain stage 3, one trial: the pipeline's retraining code, each epoch on as many
-    threads as the pipeline's trial had for it (``retrain/history.parquet``)."""
+    threads as the pipeline's trial had for it (``retrain/history.parquet``). Its weights."""
     import torch
 
     from pipeline.common import resolve_space
@@ -72,19 +73,22 @@ def _trial(job: dict) -> float:
     info = splits.info
     space = resolve_space(cfg, info.in_channels, info.num_classes, info.image_size)
     trial = Standalone(cfg, space, job["arch"], seed=cfg.seed, index=index, splits=splits)
-    acc = 0.0
     for epoch, threads in enumerate(job["threads"]):
         torch.set_num_threads(threads)
         trial.train_epoch(epoch)
-        acc, _ = trial.validate()
-    return acc
+        trial.validate()
+    return trial.model.state_dict()
 
 
-def plain(cfg, trials: pd.DataFrame, history: pd.DataFrame, cpus: int) -> dict[str, float]:
-    """The same work as the pipeline's three stages, no Ray; wall seconds per stage."""
+def plain(cfg, trials: pd.DataFrame, history: pd.DataFrame, cpus: int, out: str) -> dict[str, float]:
+    """The same work as the pipeline's three stages, no Ray; wall seconds per stage
+    (``out``: a folder for the exported model)."""
     from pipeline.budgets import make_budgets
     from pipeline.common import resolve_space
     from pipeline.data import build_datasets
+    from pipeline.export import export_model
+    from pipeline.retrain import test_accuracy
+    from pipeline.storage import RunDir
     from pipeline.search.evolution import evolve
     from pipeline.search.exact import exact_search
     from search_spaces import arch_scores
@@ -122,7 +126,11 @@ def plain(cfg, trials: pd.DataFrame, history: pd.DataFrame, cpus: int) -> dict[s
              "threads": [int(t) for t in history[history.trial == row["trial"]].sort_values("epoch")["threads"]]}
             for row in trials.to_dict("records")]
     with ctx.Pool(min(at_once, len(jobs))) as pool:
-        pool.map(_trial, jobs, chunksize=1)
+        states = pool.map(_trial, jobs, chunksize=1)
+    # As stage 3 ends: the winner (the pipeline's, the same decision) tested and exported.
+    win = int(np.flatnonzero(trials["winner"].to_numpy())[0])
+    test = test_accuracy(cfg, space, jobs[win]["arch"], states[win], splits=splits)
+    export_model(RunDir(out), space, jobs[win]["arch"], states[win], rel="model", info={"test_acc": test["test_acc"]})
     times["retrain"] = time.perf_counter() - t0
     return times
 
@@ -165,7 +173,7 @@ def main(argv=None) -> int:
             pipe["total"] = time.perf_counter() - t0
             print(f"== pair {rep + 1}: plain (the same work without Ray)", flush=True)
             t0 = time.perf_counter()
-            flat = plain(cfg, trials, history, cpus)
+            flat = plain(cfg, trials, history, cpus, f"{tmp}/plain{rep}")
             flat["total"] = time.perf_counter() - t0
             for stage in ("ray start", "supernet", "search", "retrain", "total"):
                 rows.append({"pair": rep + 1, "stage": stage, "pipeline_s": pipe[stage], "plain_s": flat.get(stage, 0.0)})

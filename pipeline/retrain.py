@@ -47,8 +47,8 @@ from torch import nn
 
 from search_spaces import ArchitectureError, SearchSpace, build_subnet, cost_tables
 
-from .common import (PipelineError, Progress, ensure_ray, read_stage_output, register_ops, resolve_space,
-                     resource_shortfall, space_ops)
+from .common import (PipelineError, Progress, cluster_address, ensure_ray, read_stage_output, register_ops,
+                     resolve_space, resource_shortfall, space_ops)
 from .checkpoints import load_intact
 from .config import Config, diff_configs
 from .data import build_datasets, make_loader
@@ -86,7 +86,8 @@ def run_retrain(cfg: Config, run: RunDir, progress: Progress = print) -> dict:
 
     # Everything that can be wrong with the input is checked before Ray does anything,
     # so a bad top-N or an impossible resource request is one line, not a hang.
-    info = build_datasets(cfg.data, seed=cfg.seed).info
+    splits = build_datasets(cfg.data, seed=cfg.seed)
+    info = splits.info
     space = resolve_space(cfg, info.in_channels, info.num_classes, info.image_size)
     candidates = read_topn(run, space)
     ensure_ray(cfg)
@@ -109,7 +110,7 @@ def run_retrain(cfg: Config, run: RunDir, progress: Progress = print) -> dict:
     _write_history(run, rows, loaded={winner["trial"]: state})
 
     # The test set is touched exactly here, once, for the one chosen network.
-    test = _evaluate_test_remote(cfg, space, winner["arch"], state["model"])
+    test = _evaluate_test(cfg, space, winner["arch"], state["model"], splits)
     winner["test_acc"] = test["test_acc"]
     for row in rows:
         row.pop("_checkpoint", None)
@@ -639,22 +640,33 @@ def _load_checkpoint_state(checkpoint) -> dict:
         return torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=True)
 
 
-def _evaluate_test_remote(cfg: Config, space: SearchSpace, arch: Sequence[int], state: dict) -> dict:
-    """Test accuracy of the winner, computed where a trial would run (its GPU, its CPUs)."""
+def _evaluate_test(cfg: Config, space: SearchSpace, arch: Sequence[int], state: dict, splits) -> dict:
+    """Test accuracy of the winner. CPU trials on this machine: here, on the trial's thread
+    count (a Ray task would start a fresh worker that imports torch and loads the data
+    again, ~5 s for a few seconds of work; BENCHMARKS.md §8). GPU trials or a cluster: a
+    Ray task where a trial would run (its GPU, its CPUs, not the head node's)."""
+    r = cfg.retrain
+    if r.gpus_per_trial == 0 and not cluster_address(cfg):
+        threads = torch.get_num_threads()
+        try:
+            return test_accuracy(cfg, space, arch, state, splits=splits)
+        finally:
+            torch.set_num_threads(threads)  # the driver's own, for whatever runs after
     import ray
 
-    r = cfg.retrain
     task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial, max_retries=2)(test_accuracy)
     return ray.get(task.remote(cfg, space, tuple(arch), state, space_ops(space)))
 
 
-def test_accuracy(cfg: Config, space: SearchSpace, arch: Sequence[int], state: dict, ops: dict | None = None) -> dict:
-    """The test split's accuracy and loss for these weights (also usable without Ray)."""
+def test_accuracy(cfg: Config, space: SearchSpace, arch: Sequence[int], state: dict, ops: dict | None = None,
+                  splits=None) -> dict:
+    """The test split's accuracy and loss for these weights (also usable without Ray);
+    ``splits``: the datasets, when the caller has them already."""
     register_ops(ops or {})
     r = cfg.retrain
     torch.set_num_threads(max(1, int(r.cpus_per_trial)))
     device = _device(r.gpus_per_trial)
-    splits = build_datasets(cfg.data, seed=cfg.seed)
+    splits = splits or build_datasets(cfg.data, seed=cfg.seed)
     model = build_subnet(space, arch)
     model.load_state_dict(state)
     acc, loss = evaluate(model.to(device), make_loader(splits.test, r.batch_size, shuffle=False), device)

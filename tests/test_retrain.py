@@ -571,6 +571,41 @@ def test_export_falls_back_to_torchscript_and_checks_the_space(tmp_path, monkeyp
         export.load(run.path("model"))
 
 
+def test_cpu_winner_is_tested_in_the_driver_as_the_ray_task_would(tmp_path, ray_local, monkeypatch):
+    """Local CPU trials: the winner's test evaluation runs in the driver, not in a fresh
+    Ray worker, with the same result as the task, and leaves the driver's threads as
+    they were. GPU trials still go to a task."""
+    import ray
+
+    from pipeline import retrain
+    from pipeline.common import space_ops
+    from pipeline.data import build_datasets
+    from search_spaces import build_subnet, load_space_yaml
+
+    cfg = make_cfg(tmp_path)
+    space = load_space_yaml(cfg.space.name)
+    torch.manual_seed(0)
+    state = build_subnet(space, [1, 0]).state_dict()
+    splits = build_datasets(cfg.data, seed=cfg.seed)
+    want = ray.get(ray.remote(retrain.test_accuracy).remote(cfg, space, (1, 0), state, space_ops(space)))
+
+    def no_task(*a, **k):
+        raise AssertionError("a Ray task was started for a local CPU evaluation")
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(ray, "remote", no_task)
+        got = retrain._evaluate_test(cfg, space, [1, 0], state, splits)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert got == want and got["test_samples"] == 256 and 0 <= got["test_acc"] <= 1
+    gpu = make_cfg(tmp_path, gpus_per_trial=1.0)
+    with pytest.raises(AssertionError, match="a Ray task was started"):
+        retrain._evaluate_test(gpu, space, [1, 0], state, splits)
+
+
 def test_trial_resumes_from_its_newest_intact_checkpoint(tmp_path, monkeypatch):
     """A resumed trial reads every checkpoint in its own folder of the run dir and takes
     the highest epoch that loads (Tune's registered one may be older: no epoch twice);
