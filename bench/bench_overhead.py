@@ -129,7 +129,7 @@ def plain(cfg, trials: pd.DataFrame, history: pd.DataFrame, cpus: int, out: str)
         states = pool.map(_trial, jobs, chunksize=1)
     # As stage 3 ends: the winner (the pipeline's, the same decision) tested and exported.
     win = int(np.flatnonzero(trials["winner"].to_numpy())[0])
-    test = test_accuracy(cfg, space, jobs[win]["arch"], states[win], splits=splits)
+    test = test_accuracy(cfg, space, jobs[win]["arch"], states[win])  # loads the data, as stage 3 does
     export_model(RunDir(out), space, jobs[win]["arch"], states[win], rel="model", info={"test_acc": test["test_acc"]})
     times["retrain"] = time.perf_counter() - t0
     return times
