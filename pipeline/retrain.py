@@ -643,7 +643,7 @@ def _load_checkpoint_state(checkpoint) -> dict:
 def _evaluate_test(cfg: Config, space: SearchSpace, arch: Sequence[int], state: dict, splits) -> dict:
     """Test accuracy of the winner. CPU trials on this machine: here, on the trial's thread
     count (a Ray task would start a fresh worker that imports torch and loads the data
-    again, ~5 s for a few seconds of work; BENCHMARKS.md §8). GPU trials or a cluster: a
+    again, for a few seconds of work; BENCHMARKS.md §8). GPU trials or a cluster: a
     Ray task where a trial would run (its GPU, its CPUs, not the head node's)."""
     r = cfg.retrain
     if r.gpus_per_trial == 0 and not cluster_address(cfg):
@@ -666,7 +666,7 @@ def test_accuracy(cfg: Config, space: SearchSpace, arch: Sequence[int], state: d
     r = cfg.retrain
     torch.set_num_threads(max(1, int(r.cpus_per_trial)))
     device = _device(r.gpus_per_trial)
-    splits = splits or build_datasets(cfg.data, seed=cfg.seed)
+    splits = splits if splits is not None else build_datasets(cfg.data, seed=cfg.seed)
     model = build_subnet(space, arch)
     model.load_state_dict(state)
     acc, loss = evaluate(model.to(device), make_loader(splits.test, r.batch_size, shuffle=False), device)
