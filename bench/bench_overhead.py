@@ -22,8 +22,9 @@ for Ray (start-up, worker groups, checkpoints, actors, Tune's bookkeeping).
     .venv/bin/python bench/bench_overhead.py                      # the default job (~13 min on 2 cores)
     .venv/bin/python bench/bench_overhead.py --repeat 2           # two pairs, summed (~26 min)
     .venv/bin/python bench/bench_overhead.py --set data.fraction=0.2
+    .venv/bin/python bench/bench_overhead.py --stages supernet --set supernet.epochs=3 --out overhead_supernet
 
-Writes bench/results/overhead.{md,csv}.
+Writes bench/results/overhead.{md,csv} (``--out`` names them).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine, write_table  # noqa: E402
+
+STAGES = ("supernet", "search", "retrain")
 
 
 def _supernet_seed(job: dict) -> list:
@@ -80,9 +83,10 @@ def _trial(job: dict) -> dict:
     return trial.model.state_dict()
 
 
-def plain(cfg, trials: pd.DataFrame, history: pd.DataFrame, cpus: int, out: str) -> dict[str, float]:
-    """The same work as the pipeline's three stages, no Ray; wall seconds per stage
-    (``out``: a folder for the exported model)."""
+def plain(cfg, trials: pd.DataFrame | None, history: pd.DataFrame | None, cpus: int, out: str,
+          stages: list[str] = STAGES) -> dict[str, float]:
+    """The same work as the pipeline's ``stages`` (a prefix of ``STAGES``), no Ray; wall
+    seconds per stage (``out``: a folder for the exported model)."""
     from pipeline.budgets import make_budgets
     from pipeline.common import resolve_space
     from pipeline.data import build_datasets
@@ -100,6 +104,8 @@ def plain(cfg, trials: pd.DataFrame, history: pd.DataFrame, cpus: int, out: str)
     with ctx.Pool(sc.seeds) as pool:
         tables = pool.map(_supernet_seed, [{"cfg": cfg, "index": i, "threads": threads} for i in range(sc.seeds)])
     times["supernet"] = time.perf_counter() - t0
+    if "search" not in stages:
+        return times
 
     t0 = time.perf_counter()
     splits = build_datasets(cfg.data, seed=cfg.seed)
@@ -113,6 +119,8 @@ def plain(cfg, trials: pd.DataFrame, history: pd.DataFrame, cpus: int, out: str)
         evolve(budgets, lambda archs: arch_scores(table, archs), q, cfg.seed,
                progress=lambda s: None)
     times["search"] = time.perf_counter() - t0
+    if "retrain" not in stages:
+        return times
 
     r = cfg.retrain
     t0 = time.perf_counter()
@@ -135,8 +143,9 @@ def plain(cfg, trials: pd.DataFrame, history: pd.DataFrame, cpus: int, out: str)
     return times
 
 
-def _pipeline(cfg) -> tuple[dict[str, float], tuple[pd.DataFrame, pd.DataFrame], int]:
-    """The pipeline's stages (and Ray's start) in seconds, its trials and history tables, the CPUs."""
+def _pipeline(cfg, stages: list[str]) -> tuple[dict[str, float], tuple[pd.DataFrame | None, pd.DataFrame | None], int]:
+    """The pipeline's stages (and Ray's start) in seconds, its trials and history tables
+    (None without stage 3), the CPUs."""
     import ray
 
     from pipeline.common import ensure_ray
@@ -147,9 +156,11 @@ def _pipeline(cfg) -> tuple[dict[str, float], tuple[pd.DataFrame, pd.DataFrame],
     ensure_ray(cfg)
     times = {"ray start": time.perf_counter() - t0}
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    times.update(run_pipeline(cfg, RunDir(cfg.run_dir), ["supernet", "search", "retrain"]))
-    trials = pd.read_parquet(f"{cfg.run_dir}/retrain/trials.parquet")
-    history = pd.read_parquet(f"{cfg.run_dir}/retrain/history.parquet")
+    times.update(run_pipeline(cfg, RunDir(cfg.run_dir), stages))
+    trials = history = None
+    if "retrain" in stages:
+        trials = pd.read_parquet(f"{cfg.run_dir}/retrain/trials.parquet")
+        history = pd.read_parquet(f"{cfg.run_dir}/retrain/history.parquet")
     ray.shutdown()
     return times, (trials, history), cpus
 
@@ -159,35 +170,46 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--set", action="append", default=[], help="a config override, for both sides")
+    ap.add_argument("--out", default="overhead", help="the name of the tables in bench/results (.md, .csv)")
     ap.add_argument("--label", default="", help="a name for this measurement (before / after a change)")
     ap.add_argument("--repeat", type=int, default=1, help="pairs of runs (pipeline, then plain), summed at the end")
+    ap.add_argument("--stages", default=",".join(STAGES),
+                    help="the first stages only, e.g. 'supernet' to measure stage 1 in a quarter of the time")
     args = ap.parse_args(argv)
-    print(f"== overhead: {machine()}; overrides: {' '.join(args.set) or '(none)'}; {args.repeat} pair(s)", flush=True)
+    stages = args.stages.split(",")
+    if stages != list(STAGES[:len(stages)]):
+        ap.error(f"--stages must be the first of {','.join(STAGES)} in order (each needs the one before), "
+                 f"not {args.stages!r}")
+    print(f"== overhead: {machine()}; overrides: {' '.join(args.set) or '(none)'}; stages {','.join(stages)}; "
+          f"{args.repeat} pair(s)", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeat):
             cfg = load_config(None, [*args.set, f"run_dir={tmp}/run{rep}"])
             print(f"== pair {rep + 1}: pipeline", flush=True)
             t0 = time.perf_counter()
-            pipe, (trials, history), cpus = _pipeline(cfg)
+            pipe, (trials, history), cpus = _pipeline(cfg, stages)
             pipe["total"] = time.perf_counter() - t0
             print(f"== pair {rep + 1}: plain (the same work without Ray)", flush=True)
             t0 = time.perf_counter()
-            flat = plain(cfg, trials, history, cpus, f"{tmp}/plain{rep}")
+            flat = plain(cfg, trials, history, cpus, f"{tmp}/plain{rep}", stages)
             flat["total"] = time.perf_counter() - t0
-            for stage in ("ray start", "supernet", "search", "retrain", "total"):
+            for stage in ("ray start", *stages, "total"):
                 rows.append({"pair": rep + 1, "stage": stage, "pipeline_s": pipe[stage], "plain_s": flat.get(stage, 0.0)})
-            threads = {int(t): list(g.sort_values("epoch")["threads"]) for t, g in history.groupby("trial")}
-            print(f"== pair {rep + 1}: epochs {trials['epochs_run'].tolist()}, threads per epoch {threads}", flush=True)
+            if history is not None:
+                threads = {int(t): list(g.sort_values("epoch")["threads"]) for t, g in history.groupby("trial")}
+                print(f"== pair {rep + 1}: epochs {trials['epochs_run'].tolist()}, threads per epoch {threads}",
+                      flush=True)
     df = pd.DataFrame(rows)
     pooled = df.groupby("stage", sort=False)[["pipeline_s", "plain_s"]].sum().reset_index()
     pooled.insert(0, "pair", "all")
     df = pd.concat([df, pooled], ignore_index=True) if args.repeat > 1 else df
     df["ratio"] = [p / f if f > 0 else float("nan") for p, f in zip(df.pipeline_s, df.plain_s)]
     df.insert(0, "label", args.label or "-")
-    write_table("overhead", df.round(3), f"trials retrained: {len(trials)}, epochs {trials['epochs_run'].tolist()} "
-                f"(last pair); {cpus} CPUs; pair 'all' = the sums over pairs. Targets: total <= 1.10, every stage over 30 s "
-                "<= 1.15.")
+    trained = ("" if trials is None else
+               f"trials retrained: {len(trials)}, epochs {trials['epochs_run'].tolist()} (last pair); ")
+    write_table(args.out, df.round(3), f"stages {','.join(stages)}; {' '.join(args.set) or 'no overrides'}; {trained}"
+                f"{cpus} CPUs; pair 'all' = the sums over pairs. Targets: total <= 1.10, every stage over 30 s <= 1.15.")
     return 0
 
 

@@ -43,6 +43,9 @@ def eta(seconds: float) -> str:
     return tqdm.format_interval(max(0.0, seconds))
 
 
+_STOP = "\0bnnas-relay-stop"  # the pump's last event; no worker sends a string like it
+
+
 class Relay:
     """Events from Ray workers to the driver's ``progress``, as they happen.
 
@@ -60,7 +63,6 @@ class Relay:
 
         self.progress = progress
         self.queue = Queue(actor_options={"num_cpus": 0})
-        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._pump, name="bnnas-progress", daemon=True)
 
     def __enter__(self):
@@ -68,27 +70,26 @@ class Relay:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        # Queued after every worker's events (the stage has returned): the pump prints
+        # them all, then stops. Waiting in one long get instead of polling every 0.5 s
+        # keeps the queue actor and this thread idle inside long epochs.
         try:
-            while not self.queue.empty():
-                self.handle(self.queue.get_nowait())
-        except Exception:
+            self.queue.put(_STOP, timeout=5)
+        except Exception:  # the queue actor went away; the pump has stopped or will
             pass
+        self._thread.join(timeout=10)
         try:
             self.queue.shutdown()
         except Exception:
             pass
 
     def _pump(self) -> None:
-        from ray.util.queue import Empty
-
-        while not self._stop.is_set():
+        while True:
             try:
-                event = self.queue.get(timeout=0.5)
-            except Empty:
-                continue
+                event = self.queue.get()
             except Exception:  # the queue actor went away; the stage's results do not depend on it
+                return
+            if isinstance(event, str) and event == _STOP:
                 return
             self.handle(event)
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from pipeline.common import ray_noise
-from pipeline.progress import Ticker, eta, meter
+from pipeline.progress import Relay, Ticker, eta, meter, send
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,6 +18,29 @@ def test_ticker_rate_limits_and_meter_reads_like_tqdm():
     assert not any(hourly.due() for _ in range(1000))  # an epoch shorter than the interval prints nothing
     assert meter(120, 429, 12.0) == " 28% 120/429 [00:12<00:30, 10.00 step/s]"  # 309 steps left at 10/s
     assert eta(65) == "01:05" and eta(-3) == "00:00"
+
+
+def test_relay_hands_on_every_event_in_order_then_stops(ray_local):
+    """The pump waits in one blocking get (no polling); leaving the block still prints every
+    event a worker sent before it, in order, and ends the pump; a relay whose queue actor
+    died leaves without hanging."""
+    got = []
+
+    @ray_local.remote(num_cpus=0)
+    def worker(queue, n):
+        for i in range(n):
+            send(queue, {"i": i})
+        return n
+
+    with Relay(got.append) as relay:
+        assert ray_local.get(worker.remote(relay.queue, 50)) == 50
+    assert got == [{"i": i} for i in range(50)]
+    assert not relay._thread.is_alive()
+
+    with Relay(got.append) as relay:
+        ray_local.kill(relay.queue.actor)
+    assert not relay._thread.is_alive()
+    send(relay.queue, {"i": -1})  # best effort: a dead queue is not an error
 
 
 def test_progress_lines_appear_within_an_epoch_when_stdout_is_a_file(tmp_path):
