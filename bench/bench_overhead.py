@@ -34,6 +34,7 @@ import multiprocessing as mp
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,7 @@ def _trial(job: dict) -> dict:
 
 
 def plain(cfg, trials: pd.DataFrame | None, history: pd.DataFrame | None, cpus: int, out: str,
-          stages: list[str] = STAGES) -> dict[str, float]:
+          stages: Sequence[str] = STAGES) -> dict[str, float]:
     """The same work as the pipeline's ``stages`` (a prefix of ``STAGES``), no Ray; wall
     seconds per stage (``out``: a folder for the exported model)."""
     from pipeline.budgets import make_budgets
